@@ -1,0 +1,153 @@
+// The C ABI over the C++ API: exceptions become status codes plus a
+// thread-local message for kjit_last_error().
+#include "kjit/kjit.h"
+
+#include <cstring>
+#include <string>
+
+#include <nlohmann/json.hpp>
+
+#include "kjit/kjit.hpp"
+
+struct kjit_engine {
+  kjit::Engine engine;
+  explicit kjit_engine(kjit::EngineOptions o) : engine(std::move(o)) {}
+};
+struct kjit_kernel {
+  kjit::Kernel kernel;
+  std::string info_json;
+};
+
+namespace {
+thread_local std::string last_error;
+
+template <class F>
+kjit_status guarded(F&& body) {
+  try {
+    body();
+    return KJIT_OK;
+  } catch (const kjit::Error& e) {
+    last_error = e.what();
+    return static_cast<kjit_status>(e.code());
+  } catch (const std::exception& e) {
+    last_error = std::string("internal error: ") + e.what();
+  } catch (...) {
+    last_error = "internal error: unknown exception";
+  }
+  return KJIT_ERROR_INTERNAL;
+}
+
+kjit_status null_argument(const char* name) {
+  last_error = std::string("argument ") + name + " is NULL";
+  return KJIT_ERROR_ARGUMENT;
+}
+
+kjit::EngineOptions parse_options(const char* text) {
+  kjit::EngineOptions o;
+  if (!text || !*text) return o;
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(text);
+  } catch (const std::exception& e) {
+    throw kjit::SpecError(std::string("engine options are not valid JSON: ") + e.what());
+  }
+  if (!j.is_object()) throw kjit::SpecError("engine options must be a JSON object");
+  for (auto it = j.begin(); it != j.end(); ++it) {
+    const std::string& k = it.key();
+    try {
+      if (k == "cache_dir") o.cache_dir = it->get<std::string>();
+      else if (k == "disk_cache") o.disk_cache = it->get<bool>();
+      else if (k == "cache_size_limit") o.cache_size_limit = it->get<std::uint64_t>();
+      else if (k == "bundle_dir") o.bundle_dir = it->get<std::string>();
+      else if (k == "arch") o.arch = it->get<std::string>();
+      else if (k == "allow_nvrtc") o.allow_nvrtc = it->get<bool>();
+      else throw kjit::SpecError("engine option \"" + k + "\" is unknown; known: cache_dir, disk_cache, "
+                                 "cache_size_limit, bundle_dir, arch, allow_nvrtc");
+    } catch (const nlohmann::json::exception&) {
+      throw kjit::SpecError("engine option \"" + k + "\" has the wrong type: " + it->dump());
+    }
+  }
+  return o;
+}
+
+std::string info_json(const kjit::KernelInfo& i) {
+  nlohmann::json params = nlohmann::json::array();
+  for (const auto& p : i.params) {
+    const char* kind = p.kind == kjit::Param::Kind::tensor ? "tensor" : p.kind == kjit::Param::Kind::integer ? "int" : "float";
+    nlohmann::json e = {{"name", p.name}, {"kind", kind}};
+    if (p.kind == kjit::Param::Kind::tensor) {
+      e["dtype"] = std::string(kjit::dtype_name(p.dtype));
+      e["shape"] = p.shape;
+      e["access"] = p.access == kjit::Param::Access::read ? "read" : p.access == kjit::Param::Access::write ? "write" : "read_write";
+    }
+    params.push_back(e);
+  }
+  return nlohmann::json{{"op", i.op}, {"spec", nlohmann::json::parse(i.spec)}, {"entry", i.entry}, {"arch", i.arch},
+                        {"key", i.key}, {"source_key", i.source_key}, {"source", std::string(kjit::to_string(i.source))},
+                        {"registers", i.registers}, {"spill_bytes", i.spill_bytes}, {"params", params}}
+      .dump();
+}
+}  // namespace
+
+extern "C" {
+
+kjit_status kjit_engine_create(const char* options_json, kjit_engine** out) {
+  if (!out) return null_argument("out");
+  *out = nullptr;
+  return guarded([&] { *out = new kjit_engine(parse_options(options_json)); });
+}
+
+void kjit_engine_destroy(kjit_engine* engine) { delete engine; }
+
+kjit_status kjit_get(kjit_engine* engine, const char* spec_json, kjit_kernel** out) {
+  if (!engine) return null_argument("engine");
+  if (!spec_json) return null_argument("spec_json");
+  if (!out) return null_argument("out");
+  *out = nullptr;
+  return guarded([&] {
+    kjit::Kernel k = engine->engine.get(spec_json);
+    *out = new kjit_kernel{k, info_json(k.info())};
+  });
+}
+
+void kjit_kernel_release(kjit_kernel* kernel) { delete kernel; }
+
+kjit_status kjit_launch(const kjit_kernel* kernel, const kjit_arg* args, size_t num_args, void* stream) {
+  if (!kernel) return null_argument("kernel");
+  if (!args && num_args) return null_argument("args");
+  return guarded([&] {
+    kjit::Arg converted[32];
+    if (num_args > 32) throw kjit::ArgumentError("too many arguments (at most 32)");
+    for (size_t i = 0; i < num_args; ++i) {
+      switch (args[i].kind) {
+        case KJIT_ARG_POINTER: converted[i] = kjit::Arg(args[i].value.pointer); break;
+        case KJIT_ARG_TENSOR: converted[i] = kjit::Arg(args[i].value.tensor); break;
+        case KJIT_ARG_INT: converted[i] = kjit::Arg(static_cast<std::int64_t>(args[i].value.integer)); break;
+        case KJIT_ARG_FLOAT: converted[i] = kjit::Arg(args[i].value.real); break;
+        default: throw kjit::ArgumentError("argument " + std::to_string(i) + " has an unknown kind");
+      }
+    }
+    kernel->kernel.launch(std::span<const kjit::Arg>(converted, num_args), stream);
+  });
+}
+
+const char* kjit_kernel_info(const kjit_kernel* kernel) { return kernel ? kernel->info_json.c_str() : ""; }
+
+kjit_status kjit_render(kjit_engine* engine, const char* spec_json, char* buffer, size_t* size) {
+  if (!engine) return null_argument("engine");
+  if (!spec_json) return null_argument("spec_json");
+  if (!size) return null_argument("size");
+  return guarded([&] {
+    std::string source = engine->engine.render(spec_json);
+    size_t capacity = *size;
+    *size = source.size() + 1;
+    if (!buffer) return;
+    if (capacity < source.size() + 1) throw kjit::ArgumentError("buffer too small: " + std::to_string(*size) + " bytes needed");
+    std::memcpy(buffer, source.c_str(), source.size() + 1);
+  });
+}
+
+const char* kjit_last_error(void) { return last_error.c_str(); }
+const char* kjit_version(void) { return KJIT_VERSION; }
+
+}  // extern "C"

@@ -1,0 +1,170 @@
+#include <fmt/format.h>
+
+#include "api/kernel_state.hpp"
+#include "runtime/driver.hpp"
+
+namespace kjit {
+namespace detail {
+
+KernelState::KernelState(KernelInfo i, std::string c, families::LaunchRule l)
+    : info(std::move(i)), cubin(std::move(c)), launch(l) {
+  if (info.params.size() > static_cast<std::size_t>(kMaxParams))
+    throw Error(ErrorCode::internal, fmt::format("{}: too many parameters", info.entry));
+  for (const Param& p : info.params) {
+    ParamCheck c{p.kind, p.dtype};
+    c.rank = static_cast<int>(p.shape.size());
+    if (c.rank > kMaxRank) throw Error(ErrorCode::internal, fmt::format("{}: rank of {} too high", info.entry, p.name));
+    for (int d = 0; d < c.rank; ++d) {
+      const std::string& axis = p.shape[d];
+      if (!axis.empty() && std::isdigit(static_cast<unsigned char>(axis[0]))) {
+        c.dims[d].value = std::stoll(axis);
+      } else {
+        c.dims[d].param = families::param_index(info.params, axis);
+      }
+    }
+    checks.push_back(c);
+  }
+}
+
+KernelState::~KernelState() {
+  std::string why;
+  if (!runtime::driver_available(&why)) return;
+  const auto& d = runtime::driver();
+  for (CUmodule m : modules)
+    if (m) d.module_unload(m);
+}
+
+CUfunction KernelState::function(int device) const {
+  if (device < 0 || device >= kMaxDevices) throw CudaError(fmt::format("device {} is out of range", device));
+  if (CUfunction f = functions[device].load(std::memory_order_acquire)) return f;
+  std::lock_guard lock(load_mutex);
+  if (CUfunction f = functions[device].load(std::memory_order_relaxed)) return f;
+  const auto& d = runtime::driver();
+  CUmodule module = nullptr;
+  runtime::check(d.module_load_data(&module, cubin.data()), "cuModuleLoadData");
+  CUfunction f = nullptr;
+  CUresult r = d.module_get_function(&f, module, info.entry.c_str());
+  if (r != CUDA_SUCCESS) {
+    d.module_unload(module);
+    runtime::check(r, "cuModuleGetFunction");
+  }
+  if (launch.dynamic_shared_bytes > 48 * 1024)
+    runtime::check(d.func_set_attribute(f, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                                        static_cast<int>(launch.dynamic_shared_bytes)),
+                   "cuFuncSetAttribute");
+  modules[device] = module;
+  functions[device].store(f, std::memory_order_release);
+  return f;
+}
+
+namespace {
+
+bool dtype_matches(const DLDataType& t, DType want) {
+  if (t.lanes != 1) return false;
+  if (want == DType::float8_e4m3 || want == DType::float8_e5m2) {
+    // DLPack 1.x has float8 codes (e4m3fn = 10, e5m2 = 12); older producers export uint8.
+    return t.bits == 8 && (t.code == kDLUInt || t.code == kDLInt || t.code == (want == DType::float8_e4m3 ? 10 : 12));
+  }
+  DLDataType d = to_dlpack(want);
+  return t.code == d.code && t.bits == d.bits;
+}
+
+std::string describe(const DLDataType& t) { return fmt::format("(code {}, bits {}, lanes {})", t.code, t.bits, t.lanes); }
+
+[[noreturn]] void argument_error(const KernelInfo& info, std::size_t i, const std::string& what) {
+  throw ArgumentError(fmt::format("{}: argument {} ({}) {}", info.entry, i, info.params[i].name, what));
+}
+
+}  // namespace
+}  // namespace detail
+
+void Kernel::launch(std::span<const Arg> args, void* stream) const {
+  using detail::kMaxParams;
+  if (!state_) throw ArgumentError("launch on an empty kjit::Kernel handle");
+  const detail::KernelState& s = *state_;
+  const std::size_t n = s.checks.size();
+  if (args.size() != n)
+    throw ArgumentError(fmt::format("{}: expects {} arguments, got {}", s.info.entry, n, args.size()));
+
+  union Value {
+    const void* pointer;
+    long long integer;
+    float real;
+  } values[kMaxParams];
+  void* slots[kMaxParams];
+  for (std::size_t i = 0; i < n; ++i) {
+    const detail::ParamCheck& c = s.checks[i];
+    const Arg& a = args[i];
+    slots[i] = &values[i];
+    switch (c.kind) {
+      case Param::Kind::tensor:
+        if (a.kind() == Arg::Kind::pointer) {
+          values[i].pointer = a.pointer();
+        } else if (a.kind() == Arg::Kind::tensor && a.tensor()) {
+          const DLTensor& t = *a.tensor();
+          values[i].pointer = static_cast<const char*>(t.data) + t.byte_offset;
+        } else {
+          detail::argument_error(s.info, i, "expects a device pointer or a DLTensor");
+        }
+        break;
+      case Param::Kind::integer:
+        if (a.kind() != Arg::Kind::integer) detail::argument_error(s.info, i, "expects an integer");
+        if (a.integer() < 0) detail::argument_error(s.info, i, fmt::format("must be >= 0, got {}", a.integer()));
+        values[i].integer = a.integer();
+        break;
+      case Param::Kind::real:
+        if (a.kind() == Arg::Kind::real) values[i].real = static_cast<float>(a.real());
+        else if (a.kind() == Arg::Kind::integer) values[i].real = static_cast<float>(a.integer());
+        else detail::argument_error(s.info, i, "expects a number");
+        break;
+    }
+  }
+  // DLTensors: dtype, device, rank, constant dims and dims bound to integer arguments.
+  for (std::size_t i = 0; i < n; ++i) {
+    if (args[i].kind() != Arg::Kind::tensor) continue;
+    const detail::ParamCheck& c = s.checks[i];
+    const DLTensor& t = *args[i].tensor();
+    if (!detail::dtype_matches(t.dtype, c.dtype))
+      detail::argument_error(s.info, i, fmt::format("expects dtype {}, got {}", dtype_name(c.dtype), detail::describe(t.dtype)));
+    if (t.device.device_type != kDLCUDA && t.device.device_type != kDLCUDAManaged)
+      detail::argument_error(s.info, i, fmt::format("must be on a CUDA device (DLPack device type {})", static_cast<int>(t.device.device_type)));
+    if (t.ndim != c.rank) detail::argument_error(s.info, i, fmt::format("expects rank {}, got {}", c.rank, t.ndim));
+    std::int64_t expected_stride = 1;
+    for (int d = c.rank - 1; d >= 0; --d) {
+      const detail::DimCheck& dim = c.dims[d];
+      std::int64_t want = dim.value >= 0 ? dim.value : dim.param >= 0 ? values[dim.param].integer : -1;
+      if (want >= 0 && t.shape[d] != want)
+        detail::argument_error(s.info, i, fmt::format("dim {} ({}) must be {}, got {}", d, s.info.params[i].shape[d], want, t.shape[d]));
+      if (t.strides && t.shape[d] != 1 && t.strides[d] != expected_stride)
+        detail::argument_error(s.info, i, "must be contiguous (row-major)");
+      expected_stride *= t.shape[d];
+    }
+  }
+
+  unsigned grid[3];
+  for (int d = 0; d < 3; ++d) {
+    const families::GridDim& g = s.launch.grid[d];
+    if (g.param < 0) {
+      grid[d] = g.constant;
+    } else {
+      long long v = values[g.param].integer;
+      long long blocks = (v + g.divisor - 1) / g.divisor;
+      if (blocks > 0x7fffffffLL) detail::argument_error(s.info, static_cast<std::size_t>(g.param), "is too large for one launch");
+      grid[d] = static_cast<unsigned>(blocks);
+    }
+  }
+  if (grid[0] == 0 || grid[1] == 0 || grid[2] == 0) return;  // nothing to do (e.g. zero rows)
+
+  const runtime::DriverApi& d = runtime::driver();
+  CUfunction f = s.function(runtime::current_device());
+  runtime::check(d.launch_kernel(f, grid[0], grid[1], grid[2], s.launch.block[0], s.launch.block[1], s.launch.block[2],
+                                 s.launch.dynamic_shared_bytes, static_cast<CUstream>(stream), slots, nullptr),
+                 "cuLaunchKernel");
+}
+
+const KernelInfo& Kernel::info() const {
+  if (!state_) throw ArgumentError("info() on an empty kjit::Kernel handle");
+  return state_->info;
+}
+
+}  // namespace kjit

@@ -1,0 +1,46 @@
+#include "families/family.hpp"
+
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+
+namespace kjit::families {
+
+nlohmann::json Family::spec_from_definition(const spec::Definition& d) const {
+  throw SpecError(fmt::format("definition \"{}\": family {} cannot import op type \"{}\"", d.name, name(), d.op_type));
+}
+
+Param tensor_param(std::string name, DType dtype, std::vector<std::string> shape, Param::Access access) {
+  return Param{std::move(name), Param::Kind::tensor, dtype, std::move(shape), access};
+}
+Param integer_param(std::string name) { return Param{std::move(name), Param::Kind::integer, DType::int64, {}}; }
+Param real_param(std::string name) { return Param{std::move(name), Param::Kind::real, DType::float32, {}}; }
+
+int param_index(const std::vector<Param>& params, std::string_view name) {
+  for (std::size_t i = 0; i < params.size(); ++i)
+    if (params[i].name == name) return static_cast<int>(i);
+  return -1;
+}
+
+const Family& find_family(const spec::Spec& spec) {
+  std::vector<std::string_view> known;
+  for (const Family* f : all_families()) {
+    auto names = spec.is_definition ? f->definition_op_types() : f->ops();
+    for (auto op : names) {
+      if (op == spec.op) return *f;
+      known.push_back(op);
+    }
+  }
+  if (spec.is_definition)
+    throw SpecError(fmt::format("definition op type \"{}\" is not supported; supported op types: {}", spec.op,
+                                fmt::join(known, ", ")));
+  throw SpecError(fmt::format("unknown op \"{}\"; known ops: {}", spec.op, fmt::join(known, ", ")));
+}
+
+KernelPlan plan_spec(const spec::Spec& s) {
+  const Family& family = find_family(s);
+  if (!s.is_definition) return family.plan(s);
+  nlohmann::json converted = family.spec_from_definition(spec::parse_definition(s));
+  return family.plan(spec::spec_from_json(converted));
+}
+
+}  // namespace kjit::families

@@ -1,0 +1,69 @@
+// A kernel family turns a validated spec into a KernelPlan: which template,
+// with which constants, launched how, taking which arguments. One file per
+// family; registry.cpp lists them.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "kjit/kjit.hpp"
+#include "spec/definition.hpp"
+#include "spec/spec.hpp"
+
+namespace kjit::families {
+
+// One grid dimension: ceil(integer argument / divisor), or a constant.
+struct GridDim {
+  int param = -1;  // index into the signature; -1 for a constant
+  std::int64_t divisor = 1;
+  std::uint32_t constant = 1;
+};
+
+struct LaunchRule {
+  std::uint32_t block[3] = {1, 1, 1};
+  GridDim grid[3];
+  std::uint32_t dynamic_shared_bytes = 0;
+};
+
+struct KernelPlan {
+  std::string op;
+  nlohmann::json spec;             // canonical kjit spec: every field, defaults filled in
+  std::string template_name;       // entry template, e.g. "norm.cu.j2"
+  nlohmann::json template_params;  // the template's context ("entry" is added)
+  std::string entry;               // extern "C" symbol
+  std::vector<Param> params;       // in the entry point's order
+  LaunchRule launch;
+};
+
+class Family {
+ public:
+  virtual ~Family() = default;
+  virtual std::string_view name() const = 0;
+  virtual std::vector<std::string_view> ops() const = 0;
+  // FlashInfer-Bench op types this family can build from a definition file.
+  virtual std::vector<std::string_view> definition_op_types() const { return {}; }
+  virtual KernelPlan plan(const spec::Spec& spec) const = 0;
+  // A definition file -> the equivalent kjit spec.
+  virtual nlohmann::json spec_from_definition(const spec::Definition& definition) const;
+};
+
+// Helpers for declaring signatures.
+Param tensor_param(std::string name, DType dtype, std::vector<std::string> shape,
+                   Param::Access access = Param::Access::read);
+Param integer_param(std::string name);
+Param real_param(std::string name);
+int param_index(const std::vector<Param>& params, std::string_view name);
+
+// The family for an op (kjit op or definition op type); SpecError lists the known ones.
+const Family& find_family(const spec::Spec& spec);
+std::vector<const Family*> all_families();
+
+// Spec (kjit or definition) -> plan.
+KernelPlan plan_spec(const spec::Spec& spec);
+
+}  // namespace kjit::families

@@ -1,0 +1,128 @@
+#include <catch2/catch.hpp>
+
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <mutex>
+#include <thread>
+
+#include <fmt/format.h>
+
+#include "codegen/template_store.hpp"
+#include "compile/nvrtc.hpp"
+#include "kjit/kjit.hpp"
+
+using Catch::Contains;
+
+namespace {
+kjit::EngineOptions memory_only() {
+  kjit::EngineOptions o;
+  o.disk_cache = false;
+  return o;
+}
+
+// Points KJIT_TEMPLATE_DIR at a directory holding one overriding template for a scope.
+struct TemplateOverride {
+  std::filesystem::path dir;
+  TemplateOverride(const std::string& name, const std::string& text) {
+    dir = std::filesystem::temp_directory_path() / fmt::format("kjit-templates-{}", ::getpid());
+    std::filesystem::create_directories(dir);
+    std::ofstream(dir / name) << text;
+    ::setenv("KJIT_TEMPLATE_DIR", dir.c_str(), 1);
+  }
+  ~TemplateOverride() {
+    ::unsetenv("KJIT_TEMPLATE_DIR");
+    std::filesystem::remove_all(dir);
+  }
+};
+}  // namespace
+
+TEST_CASE("every normalization variant compiles for sm_90a", "[compile]") {
+  std::vector<std::string> specs;
+  for (const char* op : {"rmsnorm", "fused_add_rmsnorm", "rmsnorm_fp8_quant", "fused_add_rmsnorm_fp8_quant"})
+    for (const char* dtype : {"float16", "bfloat16"})
+      // Every FlashInfer-Bench hidden size, the largest, and awkward ones.
+      for (int hidden : {128, 512, 1536, 2048, 4096, 7168, 16384, 1, 3, 100, 4097, 5120})
+        specs.push_back(fmt::format(R"({{"op": "{}", "hidden_size": {}, "dtype": "{}"}})", op, hidden, dtype));
+  kjit::Engine engine(memory_only());
+  std::mutex mutex;
+  std::vector<std::string> failures;
+  std::vector<kjit::Artifact> built;
+  std::atomic<std::size_t> next{0};
+  auto worker = [&] {
+    for (std::size_t i; (i = next++) < specs.size();) {
+      try {
+        auto a = engine.build(specs[i], "sm_90a");
+        std::lock_guard lock(mutex);
+        built.push_back(std::move(a));
+      } catch (const std::exception& e) {
+        std::lock_guard lock(mutex);
+        failures.push_back(specs[i] + ": " + e.what());
+      }
+    }
+  };
+  std::thread a(worker), b(worker);
+  a.join();
+  b.join();
+  for (const auto& f : failures) FAIL_CHECK(f);
+  REQUIRE(built.size() == specs.size());
+  for (const auto& art : built) {
+    INFO(art.info.spec);
+    CHECK(art.info.source == kjit::ArtifactSource::nvrtc);
+    CHECK(art.cubin.size() > 1000);
+    CHECK(art.cubin.compare(0, 4, "\x7f" "ELF") == 0);
+    CHECK(art.cubin.find(art.info.entry) != std::string::npos);
+    CHECK(art.info.registers > 0);
+    CHECK(art.info.spill_bytes == 0);
+  }
+}
+
+TEST_CASE("other archs compile, bad archs are refused", "[compile]") {
+  kjit::Engine engine(memory_only());
+  const std::string spec = R"({"op": "rmsnorm_fp8_quant", "hidden_size": 4096, "dtype": "bfloat16"})";
+  for (const char* arch : {"sm_80", "sm_89", "sm_90a", "sm_100a"}) {
+    INFO(arch);
+    auto a = engine.build(spec, arch);
+    CHECK(a.info.arch == arch);
+    CHECK(a.cubin.size() > 1000);
+  }
+  CHECK(engine.build(spec, "sm_80").info.key != engine.build(spec, "sm_90a").info.key);
+  CHECK_THROWS_WITH(engine.build(spec, "sm_75"), "arch \"sm_75\" is not supported: kjit targets sm_80 and newer");
+  CHECK_THROWS_WITH(engine.build(spec, "hopper"), Contains("arch \"hopper\" is not an sm_XY[a] name"));
+}
+
+TEST_CASE("an NVRTC error shows the log and the generated source line", "[compile]") {
+  const std::string source = "#include \"kjit/common.cuh\"\nextern \"C\" __global__ void k(float* x) {\n  x[0] = undefined_name;\n}\n";
+  try {
+    kjit::compile::compile_cubin(source, "broken.cu", kjit::codegen::collect_headers(source),
+                                 kjit::compile::compile_options("sm_90a"));
+    FAIL("compiled");
+  } catch (const kjit::CompileError& e) {
+    std::string m = e.what();
+    CHECK_THAT(m, Contains("NVRTC could not compile broken.cu"));
+    CHECK_THAT(m, Contains("identifier \"undefined_name\" is undefined"));
+    CHECK_THAT(m, Contains("--- broken.cu around line 3 ---"));
+    CHECK_THAT(m, Contains(">    3 |   x[0] = undefined_name;"));
+  }
+}
+
+TEST_CASE("template overrides: template errors and compile errors point at their lines", "[compile][template]") {
+  kjit::Engine engine(memory_only());
+  const std::string spec = R"({"op": "rmsnorm", "hidden_size": 1024, "dtype": "float16"})";
+  {
+    TemplateOverride o("norm.cu.j2", "// ok\n{{ hidden_size }}\n{% if nope %}x{% endif %}\n");
+    CHECK_THROWS_WITH(engine.render(spec), "norm.cu.j2:3:7: 'nope' is undefined");
+  }
+  {
+    TemplateOverride o("norm.cu.j2", "#include \"kjit/norm.cuh\"\nextern \"C\" __global__ void {{ entry }}() {\n  int x = {{ hidden_size }} +;\n}\n");
+    CHECK(engine.render(spec).find("int x = 1024 +;") != std::string::npos);
+    try {
+      engine.build(spec, "sm_90a");
+      FAIL("compiled");
+    } catch (const kjit::CompileError& e) {
+      CHECK_THAT(e.what(), Contains(">    3 |   int x = 1024 +;"));
+    }
+  }
+  // The override is gone: the embedded template is used again.
+  CHECK(engine.render(spec).find("kjit::norm::RmsNorm") != std::string::npos);
+}

@@ -1,0 +1,138 @@
+#include <catch2/catch.hpp>
+
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include <fmt/format.h>
+
+#include "families/family.hpp"
+#include "kjit/kjit.hpp"
+#include "spec/config.hpp"
+#include "spec/spec.hpp"
+
+using Catch::Contains;
+
+namespace {
+kjit::families::KernelPlan plan(const std::string& json) { return kjit::families::plan_spec(kjit::spec::parse_spec(json)); }
+
+std::string refusal(const std::string& json) {
+  try {
+    plan(json);
+  } catch (const kjit::SpecError& e) {
+    return e.what();
+  }
+  return "";
+}
+
+std::string read(const std::string& path) {
+  std::ifstream in(path);
+  std::stringstream s;
+  s << in.rdbuf();
+  return s.str();
+}
+const std::string kSource = KJIT_SOURCE_DIR;
+}  // namespace
+
+TEST_CASE("a valid spec plans a kernel", "[spec]") {
+  auto p = plan(R"({"op": "rmsnorm", "hidden_size": 4096, "dtype": "bfloat16"})");
+  CHECK(p.entry == "kjit_rmsnorm");
+  CHECK(p.spec.dump() == R"({"dtype":"bfloat16","hidden_size":4096,"op":"rmsnorm"})");
+  REQUIRE(p.params.size() == 5);
+  CHECK(p.params[0].name == "input");
+  CHECK(p.params[0].shape == std::vector<std::string>{"batch_size", "4096"});
+  CHECK(p.params[3].kind == kjit::Param::Kind::integer);
+  CHECK(p.params[4].kind == kjit::Param::Kind::real);
+  CHECK(p.launch.block[0] * p.launch.block[1] <= 1024);
+  // dtype aliases are accepted and canonicalized.
+  CHECK(plan(R"({"op": "rmsnorm", "hidden_size": 4096, "dtype": "bf16"})").spec["dtype"] == "bfloat16");
+  auto q = plan(R"({"op": "fused_add_rmsnorm_fp8_quant", "hidden_size": 7168, "dtype": "float16"})");
+  CHECK(q.params[1].name == "residual");
+  CHECK(q.params[1].access == kjit::Param::Access::read_write);
+  CHECK(q.params[3].dtype == kjit::DType::float8_e4m3);
+  CHECK(q.params[4].name == "scale");
+}
+
+TEST_CASE("launch geometry covers every row and element", "[spec]") {
+  for (int hidden : {1, 2, 3, 8, 100, 128, 256, 264, 512, 1536, 2048, 4096, 4097, 5120, 7168, 8192, 16384}) {
+    for (const char* dtype : {"float16", "bfloat16"}) {
+      auto p = plan(fmt::format(R"({{"op": "rmsnorm", "hidden_size": {}, "dtype": "{}"}})", hidden, dtype));
+      int vec = p.template_params["vec"];
+      int threads = p.template_params["threads_per_row"];
+      int rows = p.template_params["rows_per_block"];
+      INFO("hidden " << hidden << " vec " << vec << " threads " << threads);
+      CHECK(hidden % vec == 0);
+      CHECK(vec * 2 <= 16);
+      CHECK((threads <= 32 ? 32 % threads == 0 : threads % 32 == 0));
+      CHECK(threads * rows <= 1024);
+      CHECK(static_cast<std::int64_t>(threads) * vec * ((hidden / vec + threads - 1) / threads) >= hidden);
+      CHECK(p.launch.grid[0].divisor == rows);
+    }
+  }
+}
+
+TEST_CASE("spec refusals name the field, the value and what is allowed", "[spec]") {
+  CHECK(refusal(R"({"op": "rmsnorm_typo", "hidden_size": 4096, "dtype": "bfloat16"})") ==
+        "unknown op \"rmsnorm_typo\"; known ops: rmsnorm, fused_add_rmsnorm, rmsnorm_fp8_quant, fused_add_rmsnorm_fp8_quant");
+  CHECK(refusal(R"({"op": "rmsnorm", "dtype": "bfloat16"})") == "spec for op \"rmsnorm\": field \"hidden_size\" is missing");
+  CHECK(refusal(R"({"op": "rmsnorm", "hidden_size": 4096, "dtype": "bfloat16", "eps": 1e-6})") ==
+        "spec for op \"rmsnorm\": unknown field \"eps\"; fields of this op: dtype, hidden_size");
+  CHECK(refusal(R"({"op": "rmsnorm", "hidden_size": "4096", "dtype": "bfloat16"})") ==
+        "spec for op \"rmsnorm\": field \"hidden_size\" must be an integer, got \"4096\"");
+  CHECK(refusal(R"({"op": "rmsnorm", "hidden_size": 40960, "dtype": "bfloat16"})") ==
+        "spec for op \"rmsnorm\": field \"hidden_size\" = 40960 is out of range: allowed 1..16384");
+  CHECK(refusal(R"({"op": "rmsnorm", "hidden_size": 0, "dtype": "bfloat16"})").find("allowed 1..16384") != std::string::npos);
+  CHECK(refusal(R"({"op": "rmsnorm", "hidden_size": 4096, "dtype": "float32"})") ==
+        "spec for op \"rmsnorm\": field \"dtype\" = \"float32\" is not a supported dtype: allowed float16, bfloat16");
+  CHECK(refusal(R"({"op": "rmsnorm", "hidden_size": 4096, "dtype": 16})") ==
+        "spec for op \"rmsnorm\": field \"dtype\" must be a dtype string (float16, bfloat16), got 16");
+  CHECK(refusal(R"({"op": 7})") == "spec field \"op\" must be a string");
+  CHECK(refusal(R"([1, 2])") == "spec must be a JSON object, got array");
+  CHECK(refusal(R"({"hidden_size": 4096})").find("spec has no \"op\" field") == 0);
+  CHECK(refusal("{\"op\": \"rmsnorm\",\n \"hidden_size\": 4096,,}").find("spec is not valid JSON: parse error at line 2, column 22") == 0);
+}
+
+TEST_CASE("FlashInfer-Bench definitions import", "[spec][definition]") {
+  const std::string dir = kSource + "/tests/data/definitions/rmsnorm/";
+  auto p = plan(read(dir + "rmsnorm_h7168.json"));
+  CHECK(p.spec.dump() == R"({"dtype":"bfloat16","hidden_size":7168,"op":"rmsnorm"})");
+  auto f = plan(read(dir + "fused_add_rmsnorm_h2048.json"));
+  CHECK(f.spec.dump() == R"({"dtype":"bfloat16","hidden_size":2048,"op":"fused_add_rmsnorm"})");
+  int count = 0;
+  for (const auto& e : std::filesystem::directory_iterator(dir)) {
+    INFO(e.path());
+    CHECK_NOTHROW(plan(read(e.path())));
+    ++count;
+  }
+  CHECK(count >= 6);
+
+  // The older "type" field is accepted as well as "op_type".
+  auto j = nlohmann::json::parse(read(dir + "rmsnorm_h128.json"));
+  j["type"] = j["op_type"];
+  j.erase("op_type");
+  CHECK(plan(j.dump()).spec["hidden_size"] == 128);
+
+  // A var hidden size, a missing axis, or an op type no family supports are refused clearly.
+  j["axes"]["hidden_size"] = {{"type", "var"}};
+  CHECK(refusal(j.dump()) == "definition \"rmsnorm_h128\": axis \"hidden_size\" must be const for op type \"rmsnorm\"");
+  j["axes"].erase("hidden_size");
+  CHECK(refusal(j.dump()) == "definition \"rmsnorm_h128\": has no axis \"hidden_size\"");
+  std::string gqa = read(kSource + "/../shared/definitions/gqa_paged/gqa_paged_decode_h32_kv8_d128_ps1.json");
+  if (!gqa.empty()) CHECK_THAT(refusal(gqa), Contains("definition op type \"gqa\" is not supported; supported op types: rmsnorm"));
+}
+
+TEST_CASE("model configs expand grids and keep specs unique", "[spec][config]") {
+  auto c = kjit::spec::parse_config(nlohmann::json::parse(R"({
+    "name": "m", "arch": "sm_90a",
+    "specs": [{"op": "rmsnorm", "hidden_size": 4096, "dtype": "bfloat16"}],
+    "grids": [{"op": ["rmsnorm", "fused_add_rmsnorm"], "hidden_size": [4096, 2048], "dtype": "bfloat16"}],
+    "shapes": {"batch_size": [1, 16]}})"), "test");
+  CHECK(c.archs == std::vector<std::string>{"sm_90a"});
+  CHECK(c.specs.size() == 4);  // 1 explicit, 4 from the grid, one duplicate
+  CHECK(c.shapes["batch_size"] == std::vector<std::int64_t>{1, 16});
+  auto shipped = kjit::spec::load_config(kSource + "/configs/llama-3.1-8b.json");
+  CHECK(shipped.specs.size() == 8);
+  for (const auto& s : shipped.specs) CHECK_NOTHROW(plan(s.dump()));
+  CHECK_THROWS_WITH(kjit::spec::parse_config(nlohmann::json::parse("{}"), "x"), "config x: no specs (give \"specs\" or \"grids\")");
+  CHECK_THROWS_AS(kjit::spec::load_config("/no/such/config.json"), kjit::SpecError);
+}

@@ -1,0 +1,47 @@
+// GPU timing for the CLI: kernel benchmarks with CUDA events, copy bandwidth,
+// and the engine's own overheads (compile, cache hits, launch).
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "kjit/kjit.hpp"
+
+namespace kjit::tools {
+
+struct BenchResult {
+  std::string spec;
+  std::map<std::string, std::int64_t> shape;
+  double median_us = 0;
+  double min_us = 0;
+  double bytes = 0;  // each input read once, each output written once
+  double gbps = 0;
+};
+
+// Times a kernel on random inputs whose run-time axes come from `shape`;
+// real parameters default to 1e-6 (eps) unless given in `reals`.
+BenchResult bench_kernel(const Kernel& kernel, const std::map<std::string, std::int64_t>& shape,
+                         const std::map<std::string, double>& reals, int iterations);
+
+// Device-to-device copy of 1 GiB, counting bytes read plus written (GB/s).
+double copy_bandwidth_gbps();
+
+struct OverheadResult {
+  double cold_compile_ms = 0;      // NVRTC, in-process, new cache
+  double nvrtc_ms = 0;             // NVRTC's own time within that
+  double disk_hit_new_process_ms = 0;  // Engine + get + module load in a fresh process, warm disk cache
+  double memory_hit_us = 0;        // Engine::get of a spec already loaded
+  double bare_launch_us = 0;       // cuLaunchKernel, host side
+  double kjit_launch_us = 0;       // Kernel::launch with pointers, host side
+  double kjit_launch_dlpack_us = 0;  // Kernel::launch with DLTensors (checked), host side
+};
+
+// `self` is this executable's path (to time a cache hit in a new process).
+OverheadResult measure_overhead(const std::string& spec, const std::string& self);
+
+// The child side: prints the milliseconds from Engine construction to a loaded kernel.
+int overhead_child(const std::string& spec, const std::string& cache_dir);
+
+}  // namespace kjit::tools
