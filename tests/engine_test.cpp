@@ -1,1 +1,102 @@
+#include <catch2/catch.hpp>
 
+#include "api/kernel_state.hpp"
+#include "kjit/kjit.hpp"
+#include "runtime/driver.hpp"
+
+using Catch::Contains;
+
+namespace {
+const std::string kSpec = R"({"op": "fused_add_rmsnorm", "hidden_size": 4096, "dtype": "bfloat16"})";
+
+kjit::Kernel kernel_without_gpu() {
+  kjit::EngineOptions o;
+  o.disk_cache = false;
+  kjit::Engine engine(o);
+  kjit::Artifact a = engine.build(kSpec, "sm_90a");
+  kjit::families::LaunchRule launch;
+  launch.block[0] = 256;
+  launch.grid[0] = {4, 1, 1};  // batch_size is parameter 4
+  return kjit::Kernel(std::make_shared<kjit::detail::KernelState>(a.info, a.cubin, launch));
+}
+
+DLTensor tensor(std::vector<std::int64_t>& shape, kjit::DType dtype, void* data = reinterpret_cast<void*>(0x1000)) {
+  DLTensor t{};
+  t.data = data;
+  t.device = {kDLCUDA, 0};
+  t.ndim = static_cast<int>(shape.size());
+  t.dtype = kjit::to_dlpack(dtype);
+  t.shape = shape.data();
+  return t;
+}
+}  // namespace
+
+TEST_CASE("render and build need no GPU; get says what is missing", "[engine]") {
+  kjit::EngineOptions o;
+  o.disk_cache = false;
+  kjit::Engine engine(o);
+  CHECK_THAT(engine.render(kSpec), Contains("extern \"C\" __global__"));
+  CHECK(engine.build(kSpec, "sm_90a").cubin.size() > 0);
+  std::string why;
+  if (!kjit::runtime::driver_available(&why)) {
+    CHECK_THROWS_AS(engine.get(kSpec), kjit::UnavailableError);
+    CHECK_THROWS_WITH(engine.get(kSpec), Contains("libcuda.so.1") || Contains("no GPU") || Contains("cuInit"));
+    CHECK_THROWS_WITH(engine.build(kSpec), Contains("libcuda.so.1") || Contains("no GPU") || Contains("cuInit"));
+  }
+  // Engine options are validated when the engine is made.
+  kjit::EngineOptions bad;
+  bad.arch = "sm_7";
+  CHECK_THROWS_AS(kjit::Engine(bad), kjit::SpecError);
+}
+
+TEST_CASE("launch checks arguments against the signature before touching the GPU", "[engine]") {
+  kjit::Kernel k = kernel_without_gpu();
+  REQUIRE(k.info().params.size() == 6);  // input, residual, weight, output, batch_size, eps
+  std::vector<std::int64_t> rows{3, 4096}, weight_shape{4096}, wrong{3, 4095}, flat{3 * 4096};
+  DLTensor x = tensor(rows, kjit::DType::bfloat16), r = tensor(rows, kjit::DType::bfloat16),
+           w = tensor(weight_shape, kjit::DType::bfloat16), y = tensor(rows, kjit::DType::bfloat16);
+  const void* p = reinterpret_cast<void*>(0x1000);
+
+  CHECK_THROWS_WITH(k.launch({p, p, p}), "kjit_fused_add_rmsnorm: expects 6 arguments, got 3");
+  CHECK_THROWS_WITH(k.launch({p, p, p, p, 1.5, 1e-6}), "kjit_fused_add_rmsnorm: argument 4 (batch_size) expects an integer");
+  CHECK_THROWS_WITH(k.launch({p, p, p, p, -1, 1e-6}), "kjit_fused_add_rmsnorm: argument 4 (batch_size) must be >= 0, got -1");
+  CHECK_THROWS_WITH(k.launch({p, p, 7, p, 3, 1e-6}), "kjit_fused_add_rmsnorm: argument 2 (weight) expects a device pointer or a DLTensor");
+  CHECK_THROWS_WITH(k.launch({p, p, p, p, 3, p}), "kjit_fused_add_rmsnorm: argument 5 (eps) expects a number");
+
+  DLTensor fp16 = tensor(rows, kjit::DType::float16);
+  CHECK_THROWS_WITH(k.launch({x, r, w, fp16, 3, 1e-6}),
+                    "kjit_fused_add_rmsnorm: argument 3 (output) expects dtype bfloat16, got (code 2, bits 16, lanes 1)");
+  DLTensor bad_dim = tensor(wrong, kjit::DType::bfloat16);
+  CHECK_THROWS_WITH(k.launch({x, bad_dim, w, y, 3, 1e-6}),
+                    "kjit_fused_add_rmsnorm: argument 1 (residual) dim 1 (4096) must be 4096, got 4095");
+  CHECK_THROWS_WITH(k.launch({x, r, w, y, 5, 1e-6}),
+                    "kjit_fused_add_rmsnorm: argument 0 (input) dim 0 (batch_size) must be 5, got 3");
+  DLTensor bad_rank = tensor(flat, kjit::DType::bfloat16);
+  CHECK_THROWS_WITH(k.launch({bad_rank, r, w, y, 3, 1e-6}), "kjit_fused_add_rmsnorm: argument 0 (input) expects rank 2, got 1");
+  DLTensor on_cpu = x;
+  on_cpu.device = {kDLCPU, 0};
+  CHECK_THROWS_WITH(k.launch({on_cpu, r, w, y, 3, 1e-6}), Contains("argument 0 (input) must be on a CUDA device"));
+  std::vector<std::int64_t> strides{1, 3};
+  DLTensor transposed = x;
+  transposed.strides = strides.data();
+  CHECK_THROWS_WITH(k.launch({transposed, r, w, y, 3, 1e-6}), Contains("argument 0 (input) must be contiguous"));
+
+  // Zero rows: nothing to launch, so no GPU is needed and nothing fails.
+  std::vector<std::int64_t> empty{0, 4096};
+  DLTensor e = tensor(empty, kjit::DType::bfloat16);
+  CHECK_NOTHROW(k.launch({e, e, w, e, 0, 1e-6}));
+  // Valid arguments reach the driver, which is absent here.
+  std::string why;
+  if (!kjit::runtime::driver_available(&why)) CHECK_THROWS_AS(k.launch({x, r, w, y, 3, 1e-6}), kjit::UnavailableError);
+  CHECK_THROWS_AS(kjit::Kernel().launch({}), kjit::ArgumentError);
+}
+
+TEST_CASE("dtype names", "[engine]") {
+  CHECK(kjit::parse_dtype("bfloat16") == kjit::DType::bfloat16);
+  CHECK(kjit::parse_dtype("float8_e4m3fn") == kjit::DType::float8_e4m3);
+  CHECK(kjit::parse_dtype("half") == kjit::DType::float16);
+  CHECK_FALSE(kjit::parse_dtype("float128"));
+  for (auto d : {kjit::DType::float16, kjit::DType::bfloat16, kjit::DType::float32, kjit::DType::float8_e4m3, kjit::DType::int64})
+    CHECK(kjit::parse_dtype(kjit::dtype_name(d)) == d);
+  CHECK(kjit::dtype_size(kjit::DType::bfloat16) == 2);
+}

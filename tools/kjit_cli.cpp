@@ -312,6 +312,18 @@ int main(int argc, char** argv) {
   overhead->add_flag("--child", child, "(internal) time one cache hit in this process");
   overhead->add_option("--cache-dir", cache_dir, "(internal)");
 
+  if (argc > 1 && argv[1][0] != '-') {
+    bool known = false;
+    std::string names;
+    for (const CLI::App* sub : app.get_subcommands({})) {
+      known |= sub->get_name() == argv[1];
+      names += (names.empty() ? "" : ", ") + sub->get_name();
+    }
+    if (!known) {
+      fmt::print(stderr, "kjit: unknown command \"{}\"; commands: {}\n", argv[1], names);
+      return 2;
+    }
+  }
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {
