@@ -27,8 +27,19 @@ kjit::Engine& engine() {
   return instance;
 }
 
-std::string spec_of(const char* op, int hidden, const char* dtype) {
-  return fmt::format(R"({{"op": "{}", "hidden_size": {}, "dtype": "{}"}})", op, hidden, dtype);
+// Runs fn(begin, end) over row ranges on all cores.
+template <class F>
+void parallel_rows(std::int64_t rows, F fn) {
+  const std::int64_t workers = std::max<std::int64_t>(1, std::min<std::int64_t>(std::thread::hardware_concurrency(), rows / 16));
+  std::vector<std::thread> threads;
+  for (std::int64_t t = 0; t < workers; ++t)
+    threads.emplace_back([&, t] { fn(rows * t / workers, rows * (t + 1) / workers); });
+  for (auto& th : threads) th.join();
+}
+
+std::string spec_of(const char* op, int hidden, const char* dtype, int vectors_per_thread = 2) {
+  return fmt::format(R"({{"op": "{}", "hidden_size": {}, "dtype": "{}", "vectors_per_thread": {}}})", op, hidden, dtype,
+                     vectors_per_thread);
 }
 
 struct Storage {
@@ -43,6 +54,7 @@ struct Case {
   const char* dtype;
   std::int64_t rows;
   bool in_place = false;  // output aliases input (fused add)
+  int vectors_per_thread = 2;
 };
 
 void check_case(const Case& c, std::uint64_t seed) {
@@ -50,28 +62,35 @@ void check_case(const Case& c, std::uint64_t seed) {
   const bool fp8 = std::strstr(c.op, "fp8") != nullptr;
   const Storage st{std::strcmp(c.dtype, "bfloat16") == 0};
   const std::int64_t n = c.rows * c.hidden, h = c.hidden;
-  INFO(spec_of(c.op, c.hidden, c.dtype) << " rows " << c.rows << (c.in_place ? " in place" : "") << " seed " << seed);
+  INFO(spec_of(c.op, c.hidden, c.dtype, c.vectors_per_thread) << " rows " << c.rows << (c.in_place ? " in place" : "") << " seed " << seed);
 
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<double> normal;
-  std::uniform_real_distribution<double> uniform(-2, 2);
-  // Rows of very different magnitudes, and values that are exactly representable.
+  // Rows of very different magnitudes (0.01 .. 100), generated and referenced in parallel.
   std::vector<std::uint16_t> x(static_cast<std::size_t>(n)), r(static_cast<std::size_t>(n)), w(static_cast<std::size_t>(h));
-  for (std::int64_t i = 0; i < c.rows; ++i) {
-    double scale = std::pow(10.0, static_cast<double>(static_cast<int>(rng() % 5)) - 2);  // 0.01 .. 100
-    for (std::int64_t j = 0; j < h; ++j) {
-      x[static_cast<std::size_t>(i * h + j)] = st.encode(normal(rng) * scale);
-      r[static_cast<std::size_t>(i * h + j)] = st.encode(normal(rng) * scale);
-    }
-  }
-  for (auto& v : w) v = st.encode(uniform(rng));
-
   std::vector<double> xd(x.size()), rd(r.size()), wd(w.size());
-  for (std::size_t i = 0; i < x.size(); ++i) { xd[i] = st.decode(x[i]); rd[i] = st.decode(r[i]); }
-  for (std::size_t i = 0; i < w.size(); ++i) wd[i] = st.decode(w[i]);
+  std::mt19937_64 weight_rng(seed);
+  std::uniform_real_distribution<double> uniform(-2, 2);
+  for (std::size_t i = 0; i < w.size(); ++i) {
+    w[i] = st.encode(uniform(weight_rng));
+    wd[i] = st.decode(w[i]);
+  }
   const double eps = 1e-6;
   auto round = [&](double v) { return st.decode(st.encode(v)); };
-  NormReference ref = rmsnorm_reference(xd, fused ? &rd : nullptr, wd, c.rows, h, eps, fp8, round);
+  NormReference ref = make_norm_reference(c.rows, h, fused, fp8);
+  parallel_rows(c.rows, [&](std::int64_t begin, std::int64_t end) {
+    std::mt19937_64 rng(seed ^ (static_cast<std::uint64_t>(begin) * 0x9E3779B97F4A7C15ull));
+    std::uniform_real_distribution<double> unit(-1.7, 1.7);
+    for (std::int64_t i = begin; i < end; ++i) {
+      double scale = std::pow(10.0, static_cast<double>(static_cast<int>(rng() % 5)) - 2);
+      for (std::int64_t j = 0; j < h; ++j) {
+        std::size_t k = static_cast<std::size_t>(i * h + j);
+        x[k] = st.encode(unit(rng) * scale);
+        r[k] = st.encode(unit(rng) * scale);
+        xd[k] = st.decode(x[k]);
+        rd[k] = st.decode(r[k]);
+      }
+    }
+    rmsnorm_reference_rows(xd, fused ? &rd : nullptr, wd, h, eps, fp8, round, ref, begin, end);
+  });
 
   // One guard row after every buffer the kernel writes; outputs poisoned (0xFF: NaN in every format).
   const std::size_t row_bytes16 = static_cast<std::size_t>(h) * 2;
@@ -87,7 +106,7 @@ void check_case(const Case& c, std::uint64_t seed) {
   kjit::runtime::check(kjit::runtime::driver().memcpy_htod(residual.address(), r.data(), r.size() * 2), "upload");
   weight.upload(w.data());
 
-  kjit::Kernel k = engine().get(spec_of(c.op, c.hidden, c.dtype));
+  kjit::Kernel k = engine().get(spec_of(c.op, c.hidden, c.dtype, c.vectors_per_thread));
   void* out_ptr = c.in_place ? input.get() : output.get();
   std::vector<kjit::Arg> args{kjit::Arg(input.get())};
   if (fused) args.emplace_back(residual.get());
@@ -174,6 +193,14 @@ TEST_CASE("normalization kernels match the float64 reference", "[gpu][norm]") {
     for (const char* dtype : {"float16", "bfloat16"})
       for (int hidden : kHiddenSizes)
         for (std::int64_t rows : kRows) check_case({op, hidden, dtype, rows}, (std::uint64_t{device()} << 32) | device());
+}
+
+TEST_CASE("tuning variants compute the same function", "[gpu][norm]") {
+  std::random_device device;
+  for (const char* op : kOps)
+    for (int vectors : {1, 4, 8})
+      for (int hidden : {100, 4096, 7168, 16384})
+        for (std::int64_t rows : {7, 1000}) check_case({op, hidden, "bfloat16", rows, false, vectors}, device());
 }
 
 TEST_CASE("fused add + RMSNorm works in place (output = input)", "[gpu][norm]") {

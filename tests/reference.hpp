@@ -3,6 +3,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <algorithm>
 #include <cstring>
 #include <vector>
 
@@ -62,7 +63,19 @@ inline std::uint8_t double_to_e4m3(double x) {
   std::uint8_t sign = std::signbit(x) ? 0x80 : 0;
   double a = std::fabs(x);
   if (a >= 448.0) return sign | 0x7e;
-  // Walk the 127 non-negative finite codes: nearest, ties to the even code.
+  if (a < std::ldexp(1.0, -6))  // subnormals: multiples of 2^-9 (code 8 is the smallest normal)
+    return sign | static_cast<std::uint8_t>(std::nearbyint(a * 512.0));
+  int e;
+  std::frexp(a, &e);  // a = m * 2^e, m in [0.5, 1): binade exponent e - 1, 3 mantissa bits
+  double q = std::nearbyint(std::ldexp(a, 4 - e));  // in [8, 16]; 16 carries into the next binade
+  int code = ((e - 1 + 7) << 3) + static_cast<int>(q) - 8;
+  return sign | static_cast<std::uint8_t>(std::min(code, 0x7e));
+}
+
+// The same by exhaustive search over the codes (slow; checks the one above).
+inline std::uint8_t double_to_e4m3_search(double x) {
+  std::uint8_t sign = std::signbit(x) ? 0x80 : 0;
+  double a = std::fabs(x);
   int best = 0;
   double best_diff = INFINITY;
   for (int c = 0; c <= 0x7e; ++c) {
@@ -82,15 +95,13 @@ struct NormReference {
 };
 
 // x, r, w already decoded from their storage type; round(v) is the dtype's rounding.
+// Fills rows [begin, end) of a reference sized by make_norm_reference.
 template <class Round>
-NormReference rmsnorm_reference(const std::vector<double>& x, const std::vector<double>* r, const std::vector<double>& w,
-                                std::int64_t rows, std::int64_t hidden, double eps, bool quant_fp8, Round round) {
-  NormReference ref;
-  ref.output.resize(static_cast<std::size_t>(rows * hidden));
-  if (r) ref.residual.resize(ref.output.size());
-  if (quant_fp8) { ref.scale.resize(static_cast<std::size_t>(rows)); ref.fp8.resize(ref.output.size()); }
+void rmsnorm_reference_rows(const std::vector<double>& x, const std::vector<double>* r, const std::vector<double>& w,
+                            std::int64_t hidden, double eps, bool quant_fp8, Round round, NormReference& ref,
+                            std::int64_t begin, std::int64_t end) {
   std::vector<double> row(static_cast<std::size_t>(hidden));
-  for (std::int64_t i = 0; i < rows; ++i) {
+  for (std::int64_t i = begin; i < end; ++i) {
     double sum = 0;
     for (std::int64_t j = 0; j < hidden; ++j) {
       std::size_t k = static_cast<std::size_t>(i * hidden + j);
@@ -115,6 +126,24 @@ NormReference rmsnorm_reference(const std::vector<double>& x, const std::vector<
       }
     }
   }
+}
+
+inline NormReference make_norm_reference(std::int64_t rows, std::int64_t hidden, bool fused, bool quant_fp8) {
+  NormReference ref;
+  ref.output.resize(static_cast<std::size_t>(rows * hidden));
+  if (fused) ref.residual.resize(ref.output.size());
+  if (quant_fp8) {
+    ref.scale.resize(static_cast<std::size_t>(rows));
+    ref.fp8.resize(ref.output.size());
+  }
+  return ref;
+}
+
+template <class Round>
+NormReference rmsnorm_reference(const std::vector<double>& x, const std::vector<double>* r, const std::vector<double>& w,
+                                std::int64_t rows, std::int64_t hidden, double eps, bool quant_fp8, Round round) {
+  NormReference ref = make_norm_reference(rows, hidden, r != nullptr, quant_fp8);
+  rmsnorm_reference_rows(x, r, w, hidden, eps, quant_fp8, round, ref, 0, rows);
   return ref;
 }
 

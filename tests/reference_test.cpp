@@ -34,6 +34,16 @@ TEST_CASE("host bf16 / fp16 / e4m3 conversions round to nearest even", "[referen
   CHECK(double_to_e4m3(1.0625) == 0x38);   // halfway 1.0 / 1.125 -> even (1.0)
   CHECK(double_to_e4m3(1.1875) == 0x3a);   // halfway 1.125 / 1.25 -> even (1.25)
   for (int c = 0; c < 0x7f; ++c) CHECK(double_to_e4m3(e4m3_to_double(static_cast<std::uint8_t>(c))) == c);
+  // The fast encoder agrees with exhaustive search everywhere, ties included.
+  for (int c = 0; c < 0x7e; ++c) {
+    double lo = e4m3_to_double(static_cast<std::uint8_t>(c)), hi = e4m3_to_double(static_cast<std::uint8_t>(c + 1));
+    for (double t : {0.0, 0.25, 0.4999, 0.5, 0.5001, 0.75}) {
+      double v = lo + t * (hi - lo);
+      CHECK(double_to_e4m3(v) == double_to_e4m3_search(v));
+      CHECK(double_to_e4m3(-v) == double_to_e4m3_search(-v));
+    }
+  }
+  CHECK(double_to_e4m3(460.0) == 0x7e);
 }
 
 TEST_CASE("the float64 RMSNorm reference", "[reference]") {

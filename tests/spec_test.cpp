@@ -55,8 +55,10 @@ TEST_CASE("a valid spec plans a kernel", "[spec]") {
 
 TEST_CASE("launch geometry covers every row and element", "[spec]") {
   for (int hidden : {1, 2, 3, 8, 100, 128, 256, 264, 512, 1536, 2048, 4096, 4097, 5120, 7168, 8192, 16384}) {
+    for (int vectors : {1, 2, 4, 8})
     for (const char* dtype : {"float16", "bfloat16"}) {
-      auto p = plan(fmt::format(R"({{"op": "rmsnorm", "hidden_size": {}, "dtype": "{}"}})", hidden, dtype));
+      auto p = plan(fmt::format(R"({{"op": "rmsnorm", "hidden_size": {}, "dtype": "{}", "vectors_per_thread": {}}})",
+                                hidden, dtype, vectors));
       int vec = p.template_params["vec"];
       int threads = p.template_params["threads_per_row"];
       int rows = p.template_params["rows_per_block"];
@@ -76,7 +78,7 @@ TEST_CASE("spec refusals name the field, the value and what is allowed", "[spec]
         "unknown op \"rmsnorm_typo\"; known ops: rmsnorm, fused_add_rmsnorm, rmsnorm_fp8_quant, fused_add_rmsnorm_fp8_quant");
   CHECK(refusal(R"({"op": "rmsnorm", "dtype": "bfloat16"})") == "spec for op \"rmsnorm\": field \"hidden_size\" is missing");
   CHECK(refusal(R"({"op": "rmsnorm", "hidden_size": 4096, "dtype": "bfloat16", "eps": 1e-6})") ==
-        "spec for op \"rmsnorm\": unknown field \"eps\"; fields of this op: dtype, hidden_size");
+        "spec for op \"rmsnorm\": unknown field \"eps\"; fields of this op: dtype, hidden_size, vectors_per_thread");
   CHECK(refusal(R"({"op": "rmsnorm", "hidden_size": "4096", "dtype": "bfloat16"})") ==
         "spec for op \"rmsnorm\": field \"hidden_size\" must be an integer, got \"4096\"");
   CHECK(refusal(R"({"op": "rmsnorm", "hidden_size": 40960, "dtype": "bfloat16"})") ==

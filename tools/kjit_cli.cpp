@@ -302,7 +302,7 @@ int main(int argc, char** argv) {
   auto* bench = app.add_subcommand("bench", "time kernels on the GPU (CUDA events, median), with GB/s and % of copy bandwidth");
   bench->add_option("spec", bench_specs, "specs: inline JSON or files");
   bench->add_option("--config", bench_config, "bench every spec of a model config over its \"shapes\"");
-  bench->add_option("--shape", shape_items, "run-time axis values, e.g. --shape batch_size=16384");
+  bench->add_option("--shape", shape_items, "run-time axis values, e.g. --shape batch_size=16384")->allow_extra_args(false);
   bench->add_option("--iters", iterations, "timed launches per shape");
   engine_flags(bench);
 

@@ -3,6 +3,8 @@
 //   {"op": "rmsnorm", "hidden_size": 4096, "dtype": "bfloat16"}
 //   ops: rmsnorm, fused_add_rmsnorm, rmsnorm_fp8_quant, fused_add_rmsnorm_fp8_quant
 //   fields: hidden_size (1..16384), dtype (float16 | bfloat16)
+//   tuning: vectors_per_thread (1..8): 16-byte accesses each thread makes per row;
+//           the default comes from H100 measurements (2, or 4 for long rows and unfused FP8)
 //
 // eps and the row count are run-time arguments. FlashInfer-Bench definitions of
 // op type "rmsnorm" are accepted (a "residual" input selects the fused form).
@@ -64,19 +66,25 @@ class NormalizationFamily final : public Family {
     spec::FieldReader fields(s);
     const std::int64_t hidden = fields.integer("hidden_size", 1, kMaxHidden);
     const DType dtype = fields.dtype("dtype", kDTypes);
-    fields.finish();
-
     // Widest access (up to 16 bytes) that divides the row.
     int vec = 16 / static_cast<int>(dtype_size(dtype));
     while (hidden % vec != 0) vec /= 2;
     const int vecs_per_row = static_cast<int>(hidden / vec);
-    // Rows of up to 32 vectors get a power-of-two group of lanes and share a
-    // block; longer rows get whole warps, about two 16-byte accesses per thread.
+    // Measured on the H100 (docs/benchmarks.md): two 16-byte accesses per thread
+    // are best up to 4096 bf16 elements a row, four above that and for the
+    // unfused FP8 form (a third of its bytes are writes).
+    const bool unfused_fp8 = variant->quant_fp8 && !variant->fused_add;
+    const int default_vectors = vecs_per_row > 512 || unfused_fp8 ? 4 : 2;
+    const int vectors_per_thread = static_cast<int>(fields.integer("vectors_per_thread", 1, 8, default_vectors));
+    fields.finish();
+
+    // Short rows get a power-of-two group of lanes and share a block; longer
+    // rows get whole warps, each thread making about vectors_per_thread accesses.
     int threads_per_row;
-    if (vecs_per_row <= 32) {
-      threads_per_row = ceil_pow2(vecs_per_row);
+    if (vecs_per_row <= 32 * vectors_per_thread) {
+      threads_per_row = std::min(32, ceil_pow2((vecs_per_row + vectors_per_thread - 1) / vectors_per_thread));
     } else {
-      const int items = std::max(2, (vecs_per_row + 1023) / 1024);
+      const int items = std::max(vectors_per_thread, (vecs_per_row + 1023) / 1024);
       threads_per_row = std::min(1024, ((vecs_per_row + items - 1) / items + 31) / 32 * 32);
     }
     const int rows_per_block = std::max(1, 256 / threads_per_row);
@@ -84,6 +92,7 @@ class NormalizationFamily final : public Family {
     KernelPlan plan;
     plan.op = std::string(variant->op);
     plan.spec = {{"op", plan.op}, {"hidden_size", hidden}, {"dtype", dtype_name(dtype)}};
+    if (vectors_per_thread != default_vectors) plan.spec["vectors_per_thread"] = vectors_per_thread;
     plan.template_name = "norm.cu.j2";
     plan.entry = fmt::format("kjit_{}", variant->op);
     plan.template_params = {{"op", plan.op},

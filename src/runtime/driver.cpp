@@ -142,10 +142,21 @@ void use_device(int ordinal) {
 
 int current_device() {
   const DriverApi& d = driver();
+  // The launch path calls this: one driver call when the context is the last one seen.
+  thread_local CUcontext last_context = nullptr;
+  thread_local int last_device = 0;
+  CUcontext ctx = nullptr;
+  check(d.ctx_get_current(&ctx), "cuCtxGetCurrent");
+  if (!ctx) {
+    use_device(0);
+    return 0;
+  }
+  if (ctx == last_context) return last_device;
   CUdevice dev;
-  if (d.ctx_get_device(&dev) == CUDA_SUCCESS) return static_cast<int>(dev);
-  use_device(0);
-  return 0;
+  check(d.ctx_get_device(&dev), "cuCtxGetDevice");
+  last_context = ctx;
+  last_device = static_cast<int>(dev);
+  return last_device;
 }
 
 std::string device_arch(int ordinal) {
