@@ -32,15 +32,6 @@ struct alignas(sizeof(T) * N) Vec {
 
   __device__ __forceinline__ void load(const T* p) { *this = *reinterpret_cast<const Vec*>(p); }
   __device__ __forceinline__ void store(T* p) const { *reinterpret_cast<Vec*>(p) = *this; }
-  // Streaming load: read once, so keep it out of L1.
-  __device__ __forceinline__ void load_stream(const T* p) {
-    if constexpr (sizeof(Vec) == 16) {
-      uint4 v = __ldcs(reinterpret_cast<const uint4*>(p));
-      *this = *reinterpret_cast<Vec*>(&v);
-    } else {
-      load(p);
-    }
-  }
   __device__ __forceinline__ T& operator[](int i) { return data[i]; }
   __device__ __forceinline__ const T& operator[](int i) const { return data[i]; }
 };

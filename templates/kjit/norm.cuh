@@ -63,11 +63,11 @@ struct RmsNorm {
       const bool valid = active && (kExact || v < kVecsPerRow);
       Vec<T, kVec> in, w;
       if (valid) {
-        in.load_stream(input + base + v * kVec);
+        in.load(input + base + v * kVec);
         w.load(weight + v * kVec);
         if constexpr (kFusedAdd) {
           Vec<T, kVec> res;
-          res.load_stream(residual + base + v * kVec);
+          res.load(residual + base + v * kVec);
 #pragma unroll
           for (int j = 0; j < kVec; ++j) in[j] = from_float<T>(to_float(in[j]) + to_float(res[j]));
           in.store(residual + base + v * kVec);
