@@ -143,6 +143,20 @@ TEST_CASE("an unusable cache directory degrades to memory with no crash", "[cach
   CHECK_FALSE(std::filesystem::exists(bad_dir + "/" + a.info.key + ".kjit"));
 }
 
+TEST_CASE("after a failed write the cache still serves what it holds", "[cache]") {
+  ScratchDir dir("after-failure");
+  kjit::cache::DiskCache cache(dir.str(), 1 << 30);
+  cache.store("present", {{{"x", 1}}, "cubin bytes"});
+  REQUIRE(cache.writable());
+  cache.store("no-such-subdir/key", {{}, "x"});  // the write fails: ENOENT
+  CHECK_FALSE(cache.writable());
+  auto hit = cache.load("present");
+  REQUIRE(hit);
+  CHECK(hit->cubin == "cubin bytes");
+  cache.store("later", {{}, "y"});  // no further writes
+  CHECK_FALSE(std::filesystem::exists(dir / "later.kjit"));
+}
+
 TEST_CASE("concurrent processes compiling one key all succeed and leave one valid file", "[cache][process]") {
   ScratchDir dir("concurrent");
   const int n = 6;

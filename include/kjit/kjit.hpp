@@ -185,7 +185,7 @@ class Engine {
   // The arch `get` compiles for: the option, else the current device's.
   std::string arch();
   const EngineOptions& options() const;
-  std::string cache_dir() const;  // "" when the disk cache is off or unusable
+  std::string cache_dir() const;  // "" when the disk cache is off or cannot be written
 
   struct Impl;
 

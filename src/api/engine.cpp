@@ -198,6 +198,6 @@ std::string Engine::arch() { return impl_->current_arch(); }
 
 const EngineOptions& Engine::options() const { return impl_->options; }
 
-std::string Engine::cache_dir() const { return impl_->disk && impl_->disk->usable() ? impl_->disk->dir() : ""; }
+std::string Engine::cache_dir() const { return impl_->disk && impl_->disk->writable() ? impl_->disk->dir() : ""; }
 
 }  // namespace kjit

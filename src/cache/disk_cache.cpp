@@ -103,15 +103,15 @@ DiskCache::DiskCache(std::string dir, std::uint64_t size_limit) : dir_(std::move
   while (dir_.size() > 1 && dir_.back() == '/') dir_.pop_back();
 }
 
-bool DiskCache::usable() const {
+bool DiskCache::writable() const {
   std::lock_guard lock(mutex_);
-  return !disabled_;
+  return !read_only_;
 }
 
-void DiskCache::disable(const std::string& why) {
-  if (disabled_) return;
-  disabled_ = true;
-  log::warn(fmt::format("disk cache {} is not usable ({}); kernels are kept in memory only", dir_, why));
+void DiskCache::stop_writing(const std::string& why) {
+  if (read_only_) return;
+  read_only_ = true;
+  log::warn(fmt::format("disk cache {} cannot be written ({}); new kernels are kept in memory only", dir_, why));
 }
 
 std::string DiskCache::encode(const CacheEntry& entry) {
@@ -149,10 +149,6 @@ std::optional<CacheEntry> DiskCache::decode(const std::string& bytes, std::strin
 }
 
 std::optional<CacheEntry> DiskCache::load(const std::string& key) {
-  {
-    std::lock_guard lock(mutex_);
-    if (disabled_) return std::nullopt;
-  }
   std::string path = path_for(key);
   auto bytes = read_file(path);
   if (!bytes) return std::nullopt;
@@ -160,7 +156,7 @@ std::optional<CacheEntry> DiskCache::load(const std::string& key) {
   auto entry = decode(*bytes, &problem);
   if (!entry) {
     log::warn(fmt::format("cache entry {} is damaged ({}); it is removed and rebuilt", path, problem));
-    ::unlink(path.c_str());
+    ::unlink(path.c_str());  // fails harmlessly in a read-only directory
     return std::nullopt;
   }
   ::utimensat(AT_FDCWD, path.c_str(), nullptr, 0);  // last used: now (best effort)
@@ -169,22 +165,18 @@ std::optional<CacheEntry> DiskCache::load(const std::string& key) {
 
 void DiskCache::store(const std::string& key, const CacheEntry& entry) {
   std::lock_guard lock(mutex_);
-  if (disabled_) return;
+  if (read_only_) return;
   if (!dir_ready_) {
-    if (std::string why = make_directories(dir_); !why.empty()) return disable(why);
+    if (std::string why = make_directories(dir_); !why.empty()) return stop_writing(why);
     dir_ready_ = true;
   }
-  if (std::string why = write_file_atomically(path_for(key), encode(entry)); !why.empty()) return disable(why);
+  if (std::string why = write_file_atomically(path_for(key), encode(entry)); !why.empty()) return stop_writing(why);
   std::uint64_t total = 0;
   for (const auto& f : list()) total += f.bytes;
   if (total > size_limit_) prune(size_limit_ - size_limit_ / 5);  // headroom: the next store need not prune
 }
 
 std::optional<std::string> DiskCache::recall(const std::string& name) {
-  {
-    std::lock_guard lock(mutex_);
-    if (disabled_) return std::nullopt;
-  }
   auto text = read_file(dir_ + "/" + name + ".memo");
   if (!text || text->empty()) return std::nullopt;
   return text;
@@ -192,12 +184,12 @@ std::optional<std::string> DiskCache::recall(const std::string& name) {
 
 void DiskCache::remember(const std::string& name, const std::string& value) {
   std::lock_guard lock(mutex_);
-  if (disabled_) return;
+  if (read_only_) return;
   if (!dir_ready_) {
-    if (std::string why = make_directories(dir_); !why.empty()) return disable(why);
+    if (std::string why = make_directories(dir_); !why.empty()) return stop_writing(why);
     dir_ready_ = true;
   }
-  if (std::string why = write_file_atomically(dir_ + "/" + name + ".memo", value); !why.empty()) disable(why);
+  if (std::string why = write_file_atomically(dir_ + "/" + name + ".memo", value); !why.empty()) stop_writing(why);
 }
 
 std::vector<CacheFile> DiskCache::list() const {

@@ -4,8 +4,9 @@
 // Writes go to a temp file in the same directory, are fsync'ed, then renamed
 // into place: readers never see a partial file, and many processes writing the
 // same key all succeed and leave one valid file. A damaged entry is detected
-// by its checksum, removed, and rebuilt by the caller. A read-only, missing or
-// full directory turns the cache off for this process with one warning.
+// by its checksum, removed, and rebuilt by the caller. A directory that cannot
+// be written (read-only, missing parent, full) stops writes for this process
+// with one warning; what it already holds is still read.
 // Hits refresh the file's mtime, which pruning uses as "last used".
 #pragma once
 
@@ -36,11 +37,11 @@ class DiskCache {
   DiskCache(std::string dir, std::uint64_t size_limit);
 
   const std::string& dir() const { return dir_; }
-  bool usable() const;  // false once the directory proved unusable
+  bool writable() const;  // false once a write failed
 
   // nullopt on a miss or a damaged entry (which is removed).
   std::optional<CacheEntry> load(const std::string& key);
-  // Best effort: a failure disables the cache with one warning.
+  // Best effort: a failure stops further writes, with one warning.
   void store(const std::string& key, const CacheEntry& entry);
 
   // Small named values kept beside the entries (the toolchain memo).
@@ -62,12 +63,12 @@ class DiskCache {
   static std::string default_dir();
 
  private:
-  void disable(const std::string& why);
+  void stop_writing(const std::string& why);
   std::string path_for(const std::string& key) const { return dir_ + "/" + key + ".kjit"; }
   std::string dir_;
   std::uint64_t size_limit_;
   mutable std::mutex mutex_;
-  bool disabled_ = false;
+  bool read_only_ = false;
   bool dir_ready_ = false;
 };
 

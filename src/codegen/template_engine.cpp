@@ -632,14 +632,14 @@ class Renderer {
           if (auto f = it->find(e.text); f != it->end()) return *f;
         return std::nullopt;
       case Expr::attribute: {
-        auto base = lookup_or_eval(*e.kids[0], scopes);
+        auto base = lookup(*e.kids[0], scopes);
         if (!base || !base->is_object()) return std::nullopt;
         auto f = base->find(e.text);
         if (f == base->end()) return std::nullopt;
         return *f;
       }
       case Expr::index: {
-        auto base = lookup_or_eval(*e.kids[0], scopes);
+        auto base = lookup(*e.kids[0], scopes);
         if (!base) return std::nullopt;
         json i = eval(*e.kids[1], scopes);
         if (base->is_array() && i.is_number_integer()) {
@@ -658,8 +658,6 @@ class Renderer {
       default: return eval(e, scopes);
     }
   }
-  std::optional<json> lookup_or_eval(const Expr& e, std::vector<json>& scopes) { return lookup(e, scopes); }
-
   static std::string describe(const Expr& e) {
     switch (e.kind) {
       case Expr::name: return e.text;
