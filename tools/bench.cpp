@@ -265,15 +265,20 @@ OverheadResult measure_overhead(const std::string& spec, const std::string& self
     }
     return total * 1e3 / (batches * per_batch);
   };
-  for (int rep = 0; rep < 2; ++rep) {  // the second repetition is the one kept (warm)
-    r.bare_launch_us = time_launches([&] {
+  // Interleaved repetitions, medians: host timing on a shared machine is noisy.
+  std::vector<double> bare, with_pointers, with_tensors;
+  for (int rep = 0; rep < 7; ++rep) {
+    bare.push_back(time_launches([&] {
       runtime::check(d.launch_kernel(function, 1, 1, 1, static_cast<unsigned>(std::min(block_x, 256)), 1, 1, 0, nullptr,
                                      slots.data(), nullptr),
                      "cuLaunchKernel");
-    });
-    r.kjit_launch_us = time_launches([&] { k.launch(pointer_args); });
-    r.kjit_launch_dlpack_us = time_launches([&] { k.launch(tensor_args); });
+    }));
+    with_pointers.push_back(time_launches([&] { k.launch(pointer_args); }));
+    with_tensors.push_back(time_launches([&] { k.launch(tensor_args); }));
   }
+  r.bare_launch_us = median(bare);
+  r.kjit_launch_us = median(with_pointers);
+  r.kjit_launch_dlpack_us = median(with_tensors);
   d.module_unload(module);
   std::system(fmt::format("rm -rf '{}'", cache_dir).c_str());
   return r;

@@ -239,7 +239,7 @@ int cmd_overhead(const std::string& spec, const std::string& self) {
   fmt::print("cold compile (in process, new cache)   {:9.2f} ms  (NVRTC {:.2f} ms)\n", r.cold_compile_ms, r.nvrtc_ms);
   fmt::print("disk-cache hit, new process            {:9.3f} ms  (Engine + get + module load)\n", r.disk_hit_new_process_ms);
   fmt::print("memory hit, Engine::get                {:9.3f} us\n", r.memory_hit_us);
-  fmt::print("bare cuLaunchKernel                    {:9.3f} us\n", r.bare_launch_us);
+  fmt::print("bare cuLaunchKernel (median of 7)      {:9.3f} us\n", r.bare_launch_us);
   fmt::print("Kernel::launch, pointers               {:9.3f} us  (+{:.3f})\n", r.kjit_launch_us, r.kjit_launch_us - r.bare_launch_us);
   fmt::print("Kernel::launch, DLTensors (checked)    {:9.3f} us  (+{:.3f})\n", r.kjit_launch_dlpack_us,
              r.kjit_launch_dlpack_us - r.bare_launch_us);

@@ -22,6 +22,7 @@
 #ifdef __cplusplus
 extern "C" {
 #endif
+#pragma GCC visibility push(default)
 
 typedef enum kjit_status {
   KJIT_OK = 0,
@@ -82,6 +83,7 @@ kjit_status kjit_render(kjit_engine* engine, const char* spec_json, char* buffer
 const char* kjit_last_error(void);
 const char* kjit_version(void);
 
+#pragma GCC visibility pop
 #ifdef __cplusplus
 }
 #endif

@@ -23,6 +23,7 @@
 
 #include "kjit/types.hpp"
 
+#pragma GCC visibility push(default)  // the public API is what libkjit exports
 namespace kjit {
 
 // ---------------------------------------------------------------------------
@@ -196,3 +197,4 @@ class Engine {
 std::string_view version();
 
 }  // namespace kjit
+#pragma GCC visibility pop

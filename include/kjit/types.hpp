@@ -8,6 +8,7 @@
 
 #include <dlpack/dlpack.h>
 
+#pragma GCC visibility push(default)  // the public API is what libkjit exports
 namespace kjit {
 
 enum class DType : std::uint8_t {
@@ -21,3 +22,4 @@ std::size_t dtype_size(DType dtype);
 DLDataType to_dlpack(DType dtype);
 
 }  // namespace kjit
+#pragma GCC visibility pop

@@ -1,0 +1,94 @@
+"""GPU tests of the Python binding with PyTorch tensors (skipped without torch or a GPU)."""
+import unittest
+
+try:
+    import torch
+    HAVE_GPU = torch.cuda.is_available()
+except ImportError:
+    HAVE_GPU = False
+
+import kjit
+
+
+def reference_rmsnorm(x, w, eps):
+    xf = x.double()
+    return xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * w.double()
+
+
+@unittest.skipUnless(HAVE_GPU, "needs torch with a CUDA GPU")
+class TorchTest(unittest.TestCase):
+    def setUp(self):
+        torch.manual_seed(torch.seed() & 0xFFFFFFFF)
+
+    def check_close(self, got, ref, rtol):
+        err = (got.double() - ref).abs()
+        self.assertTrue(torch.isfinite(got.double()).all())
+        self.assertTrue(bool((err <= 1e-3 + rtol * ref.abs()).all()), f"max err {float(err.max())}")
+
+    def test_rmsnorm_helpers(self):
+        for dtype, rtol in ((torch.bfloat16, 2 ** -7), (torch.float16, 2 ** -9)):
+            for rows, hidden in ((1, 4096), (37, 7168), (1000, 128), (5, 100)):
+                x = torch.randn(rows, hidden, dtype=dtype, device="cuda")
+                w = torch.randn(hidden, dtype=dtype, device="cuda")
+                y = kjit.rmsnorm(x, w, eps=1e-5)
+                torch.cuda.synchronize()
+                self.check_close(y, reference_rmsnorm(x, w, 1e-5), rtol)
+
+    def test_fused_add_in_place(self):
+        x = torch.randn(33, 4096, dtype=torch.bfloat16, device="cuda")
+        r = torch.randn_like(x)
+        w = torch.randn(4096, dtype=torch.bfloat16, device="cuda")
+        expected_residual = x + r
+        expected = reference_rmsnorm(expected_residual, w, 1e-6)
+        kjit.fused_add_rmsnorm(x, r, w)
+        torch.cuda.synchronize()
+        self.assertTrue(torch.equal(r, expected_residual))
+        self.check_close(x, expected, 2 ** -7)
+
+    def test_fp8_quant(self):
+        x = torch.randn(64, 2048, dtype=torch.bfloat16, device="cuda")
+        w = torch.randn(2048, dtype=torch.bfloat16, device="cuda")
+        q, scale = kjit.rmsnorm_fp8_quant(x, w)
+        torch.cuda.synchronize()
+        y = reference_rmsnorm(x, w, 1e-6)
+        ref_scale = (y.abs().amax(-1) / 448).clamp_min(1 / (448 * 512))
+        self.assertTrue(torch.allclose(scale.double(), ref_scale, rtol=1e-5))
+        ref_q = (y / ref_scale[:, None]).float().to(torch.float8_e4m3fn)
+        codes = (q.view(torch.uint8).int() & 0x7F) - (ref_q.view(torch.uint8).int() & 0x7F)
+        self.assertLessEqual(int(codes.abs().max()), 1)
+
+    def test_side_stream_and_raw_kernel(self):
+        engine = kjit.Engine()
+        k = engine.get({"op": "rmsnorm", "hidden_size": 512, "dtype": "float16"})
+        self.assertEqual([p["name"] for p in k.params], ["input", "weight", "output", "batch_size", "eps"])
+        x = torch.randn(300, 512, dtype=torch.float16, device="cuda")
+        w = torch.randn(512, dtype=torch.float16, device="cuda")
+        out = torch.full_like(x, float("nan"))
+        s = torch.cuda.Stream()
+        with torch.cuda.stream(s):
+            k(x, w, out, 300, 1e-6)  # torch's current stream: s
+        s.synchronize()
+        self.check_close(out, reference_rmsnorm(x, w, 1e-6), 2 ** -9)
+        out2 = torch.full_like(x, float("nan"))
+        k(x.data_ptr(), w.data_ptr(), out2.data_ptr(), 300, 1e-6)  # raw pointers work too
+        torch.cuda.synchronize()
+        self.assertTrue(torch.equal(out, out2))
+
+    def test_errors_carry_kjit_messages(self):
+        k = kjit.Engine().get({"op": "rmsnorm", "hidden_size": 512, "dtype": "float16"})
+        x = torch.randn(4, 512, dtype=torch.float16, device="cuda")
+        w32 = torch.randn(512, dtype=torch.float32, device="cuda")
+        with self.assertRaisesRegex(kjit.ArgumentError, r"argument 1 \(weight\) expects dtype float16"):
+            k(x, w32, x, 4, 1e-6)
+        with self.assertRaisesRegex(kjit.ArgumentError, r"dim 0 \(batch_size\) must be 5, got 4"):
+            k(x, x[0], x, 5, 1e-6)
+        with self.assertRaisesRegex(kjit.ArgumentError, "expects 5 arguments"):
+            k(x, x)
+        with self.assertRaisesRegex(kjit.ArgumentError, "must be on a CUDA device"):
+            k(x.cpu(), x[0], x, 4, 1e-6)
+        with self.assertRaises(TypeError):
+            kjit.rmsnorm(x.float(), w32)
+
+
+if __name__ == "__main__":
+    unittest.main()

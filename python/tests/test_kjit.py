@@ -1,0 +1,87 @@
+"""CPU tests of the Python binding and of the conformance runner's GPU-free parts."""
+import os
+import pathlib
+import unittest
+
+import kjit
+from kjit import conformance
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+FIXTURES = ROOT / "tests" / "data" / "definitions"
+SHARED = ROOT.parent / "shared" / "definitions"
+
+
+def has_gpu():
+    try:
+        kjit.Engine(disk_cache=False).get({"op": "rmsnorm", "hidden_size": 128, "dtype": "float16"})
+        return True
+    except kjit.UnavailableError:
+        return False
+
+
+class BindingTest(unittest.TestCase):
+    def test_library_loads(self):
+        self.assertRegex(kjit.version(), r"^\d+\.\d+\.\d+$")
+        self.assertTrue(os.path.exists(kjit.library_path) or "/" not in kjit.library_path)
+
+    def test_render_and_errors(self):
+        engine = kjit.Engine(disk_cache=False, arch="sm_90a")
+        source = engine.render({"op": "rmsnorm", "hidden_size": 4096, "dtype": "bfloat16"})
+        self.assertIn('extern "C" __global__', source)
+        with self.assertRaises(kjit.SpecError) as e:
+            engine.render({"op": "rmsnorm", "hidden_size": 4096})
+        self.assertIn('field "dtype" is missing', str(e.exception))
+        with self.assertRaises(kjit.SpecError):
+            kjit.Engine(arch="volta")
+        self.assertTrue(issubclass(kjit.SpecError, ValueError))
+
+    @unittest.skipIf(has_gpu(), "a GPU is present")
+    def test_no_gpu_is_reported_cleanly(self):
+        engine = kjit.Engine(disk_cache=False)
+        with self.assertRaises(kjit.UnavailableError) as e:
+            engine.get({"op": "rmsnorm", "hidden_size": 4096, "dtype": "bfloat16"})
+        self.assertRegex(str(e.exception), "libcuda|GPU|cuInit")
+
+    def test_definitions_are_specs(self):
+        engine = kjit.Engine(disk_cache=False, arch="sm_90a")
+        text = (FIXTURES / "rmsnorm" / "rmsnorm_h7168.json").read_text()
+        self.assertIn("/*hidden=*/7168", engine.render(text))
+
+
+class ConformanceTest(unittest.TestCase):
+    def definitions(self):
+        dirs = [FIXTURES] + ([SHARED] if SHARED.exists() else [])
+        return conformance.load_definitions(*dirs)
+
+    def test_finds_and_classifies_definitions(self):
+        found = self.definitions()
+        supported = [d for _, d in found if conformance.op_type(d) in conformance.ADAPTERS]
+        self.assertGreaterEqual(len(supported), 9)
+        if SHARED.exists():
+            unsupported = {conformance.op_type(d) for _, d in found if conformance.op_type(d) not in conformance.ADAPTERS}
+            self.assertIn("gqa", unsupported)  # listed in the report, not dropped
+
+    def test_axes_shapes_and_constraints(self):
+        for path, d in self.definitions():
+            adapter = conformance.ADAPTERS.get(conformance.op_type(d))
+            if adapter is None:
+                continue
+            for axes in adapter.axis_choices(d):
+                self.assertEqual(set(axes), set(d["axes"]), path)
+                plan = conformance.tensor_plan(d, axes)
+                hidden = d["axes"]["hidden_size"]["value"]
+                self.assertEqual(plan["hidden_states"][0], (axes["batch_size"], hidden))
+                self.assertEqual(plan["weight"][0], (hidden,))
+                self.assertEqual(plan["output"][0], (axes["batch_size"], hidden))
+                self.assertEqual(conformance.check_constraints(d, axes), [], path)
+            self.assertGreater(adapter.eps(d), 0)
+
+    def test_constraints_are_evaluated(self):
+        d = {"constraints": ["len_indptr == batch_size + 1", "num_kv_indices == kv_indptr[-1].item()"]}
+        self.assertEqual(conformance.check_constraints(d, {"len_indptr": 5, "batch_size": 4}), [])
+        self.assertEqual(conformance.check_constraints(d, {"len_indptr": 4, "batch_size": 4}),
+                         ["len_indptr == batch_size + 1"])
+
+
+if __name__ == "__main__":
+    unittest.main()
