@@ -14,6 +14,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <initializer_list>
+#include <limits>
 #include <memory>
 #include <span>
 #include <stdexcept>
@@ -105,6 +106,10 @@ struct Param {
   DType dtype = DType::float32;     // element type of a tensor
   std::vector<std::string> shape;   // tensors only
   Access access = Access::read;
+  // Numbers: the accepted range, checked at every launch (a NaN never passes).
+  double min = -std::numeric_limits<double>::infinity();
+  double max = std::numeric_limits<double>::infinity();
+  bool min_exclusive = false;
 };
 
 enum class ArtifactSource : std::uint8_t { nvrtc, disk_cache, bundle, memory };

@@ -11,7 +11,7 @@ KernelState::KernelState(KernelInfo i, std::string c, families::LaunchRule l)
   if (info.params.size() > static_cast<std::size_t>(kMaxParams))
     throw Error(ErrorCode::internal, fmt::format("{}: too many parameters", info.entry));
   for (const Param& p : info.params) {
-    ParamCheck c{p.kind, p.dtype};
+    ParamCheck c{p.kind, p.dtype, p.min, p.max, p.min_exclusive};
     c.rank = static_cast<int>(p.shape.size());
     if (c.rank > kMaxRank) throw Error(ErrorCode::internal, fmt::format("{}: rank of {} too high", info.entry, p.name));
     for (int d = 0; d < c.rank; ++d) {
@@ -69,6 +69,14 @@ bool dtype_matches(const DLDataType& t, DType want) {
   return t.code == d.code && t.bits == d.bits;
 }
 
+bool in_range(double x, const ParamCheck& c) {
+  return (c.min_exclusive ? x > c.min : x >= c.min) && x <= c.max;  // false for NaN
+}
+
+std::string describe_range(const ParamCheck& c) {
+  return fmt::format("allowed {}{}, {}]", c.min_exclusive ? "(" : "[", c.min, c.max);
+}
+
 std::string describe(const DLDataType& t) { return fmt::format("(code {}, bits {}, lanes {})", t.code, t.bits, t.lanes); }
 
 [[noreturn]] void argument_error(const KernelInfo& info, std::size_t i, const std::string& what) {
@@ -109,14 +117,20 @@ void Kernel::launch(std::span<const Arg> args, void* stream) const {
         break;
       case Param::Kind::integer:
         if (a.kind() != Arg::Kind::integer) detail::argument_error(s.info, i, "expects an integer");
-        if (a.integer() < 0) detail::argument_error(s.info, i, fmt::format("must be >= 0, got {}", a.integer()));
+        if (!detail::in_range(static_cast<double>(a.integer()), c))
+          detail::argument_error(s.info, i, fmt::format("= {} is out of range: {}", a.integer(), detail::describe_range(c)));
         values[i].integer = a.integer();
         break;
-      case Param::Kind::real:
-        if (a.kind() == Arg::Kind::real) values[i].real = static_cast<float>(a.real());
-        else if (a.kind() == Arg::Kind::integer) values[i].real = static_cast<float>(a.integer());
+      case Param::Kind::real: {
+        double x;
+        if (a.kind() == Arg::Kind::real) x = a.real();
+        else if (a.kind() == Arg::Kind::integer) x = static_cast<double>(a.integer());
         else detail::argument_error(s.info, i, "expects a number");
+        if (!detail::in_range(x, c))
+          detail::argument_error(s.info, i, fmt::format("= {} is out of range: {}", x, detail::describe_range(c)));
+        values[i].real = static_cast<float>(x);
         break;
+      }
     }
   }
   // DLTensors: dtype, device, rank, constant dims and dims bound to integer arguments.

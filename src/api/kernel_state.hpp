@@ -29,6 +29,8 @@ struct DimCheck {
 struct ParamCheck {
   Param::Kind kind;
   DType dtype;
+  double min, max;
+  bool min_exclusive;
   int rank = 0;
   DimCheck dims[kMaxRank];
 };

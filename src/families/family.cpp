@@ -12,8 +12,19 @@ nlohmann::json Family::spec_from_definition(const spec::Definition& d) const {
 Param tensor_param(std::string name, DType dtype, std::vector<std::string> shape, Param::Access access) {
   return Param{std::move(name), Param::Kind::tensor, dtype, std::move(shape), access};
 }
-Param integer_param(std::string name) { return Param{std::move(name), Param::Kind::integer, DType::int64, {}}; }
-Param real_param(std::string name) { return Param{std::move(name), Param::Kind::real, DType::float32, {}}; }
+Param integer_param(std::string name, double min, double max) {
+  Param p{std::move(name), Param::Kind::integer, DType::int64, {}};
+  p.min = min;
+  p.max = max;
+  return p;
+}
+Param real_param(std::string name, double min, double max, bool min_exclusive) {
+  Param p{std::move(name), Param::Kind::real, DType::float32, {}};
+  p.min = min;
+  p.max = max;
+  p.min_exclusive = min_exclusive;
+  return p;
+}
 
 int param_index(const std::vector<Param>& params, std::string_view name) {
   for (std::size_t i = 0; i < params.size(); ++i)

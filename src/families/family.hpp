@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <limits>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -55,8 +56,9 @@ class Family {
 // Helpers for declaring signatures.
 Param tensor_param(std::string name, DType dtype, std::vector<std::string> shape,
                    Param::Access access = Param::Access::read);
-Param integer_param(std::string name);
-Param real_param(std::string name);
+Param integer_param(std::string name, double min = 0, double max = std::numeric_limits<double>::infinity());
+Param real_param(std::string name, double min = -std::numeric_limits<double>::infinity(),
+                 double max = std::numeric_limits<double>::infinity(), bool min_exclusive = false);
 int param_index(const std::vector<Param>& params, std::string_view name);
 
 // The family for an op (kjit op or definition op type); SpecError lists the known ones.

@@ -117,7 +117,7 @@ class NormalizationFamily final : public Family {
       p.push_back(tensor_param("output", dtype, {"batch_size", h}, Param::Access::write));
     }
     p.push_back(integer_param("batch_size"));
-    p.push_back(real_param("eps"));
+    p.push_back(real_param("eps", 0.0));
 
     plan.launch.block[0] = static_cast<std::uint32_t>(threads_per_row);
     plan.launch.block[1] = static_cast<std::uint32_t>(rows_per_block);
