@@ -77,6 +77,42 @@ TEST_CASE("every normalization variant compiles for sm_90a", "[compile]") {
   }
 }
 
+TEST_CASE("every sampling variant compiles for sm_90a", "[compile][sampling]") {
+  std::vector<std::string> specs;
+  const char* ops[] = {"sampling_from_probs", "top_k_sampling_from_probs", "top_p_sampling_from_probs",
+                       "min_p_sampling_from_probs", "top_k_top_p_sampling_from_probs"};
+  for (const char* op : ops) {
+    for (int vocab : {32000, 128256, 129280, 151936, 152064, 1000, 17})
+      specs.push_back(fmt::format(R"({{"op": "{}", "vocab_size": {}, "dtype": "float32"}})", op, vocab));
+    for (const char* dtype : {"float16", "bfloat16"})
+      specs.push_back(fmt::format(R"({{"op": "{}", "vocab_size": 128256, "dtype": "{}"}})", op, dtype));
+    for (const char* dtype : {"float32", "bfloat16"})
+      specs.push_back(fmt::format(R"({{"op": "{}", "vocab_size": 151936, "dtype": "{}", "per_row_params": true}})", op, dtype));
+  }
+  kjit::Engine engine(memory_only());
+  std::atomic<std::size_t> next{0};
+  std::mutex mutex;
+  std::vector<std::string> failures;
+  auto worker = [&] {
+    for (std::size_t i; (i = next++) < specs.size();) {
+      try {
+        auto a = engine.build(specs[i], "sm_90a");
+        if (a.info.spill_bytes != 0) {
+          std::lock_guard lock(mutex);
+          failures.push_back(fmt::format("{}: {} registers, {} spill bytes", specs[i], a.info.registers, a.info.spill_bytes));
+        }
+      } catch (const std::exception& e) {
+        std::lock_guard lock(mutex);
+        failures.push_back(specs[i] + ": " + e.what());
+      }
+    }
+  };
+  std::thread a(worker), b(worker);
+  a.join();
+  b.join();
+  for (const auto& f : failures) FAIL_CHECK(f);
+}
+
 TEST_CASE("other archs compile, bad archs are refused", "[compile]") {
   kjit::Engine engine(memory_only());
   const std::string spec = R"({"op": "rmsnorm_fp8_quant", "hidden_size": 4096, "dtype": "bfloat16"})";

@@ -75,7 +75,9 @@ TEST_CASE("launch geometry covers every row and element", "[spec]") {
 
 TEST_CASE("spec refusals name the field, the value and what is allowed", "[spec]") {
   CHECK(refusal(R"({"op": "rmsnorm_typo", "hidden_size": 4096, "dtype": "bfloat16"})") ==
-        "unknown op \"rmsnorm_typo\"; known ops: rmsnorm, fused_add_rmsnorm, rmsnorm_fp8_quant, fused_add_rmsnorm_fp8_quant");
+        "unknown op \"rmsnorm_typo\"; known ops: rmsnorm, fused_add_rmsnorm, rmsnorm_fp8_quant, fused_add_rmsnorm_fp8_quant, "
+        "sampling_from_probs, top_k_sampling_from_probs, top_p_sampling_from_probs, min_p_sampling_from_probs, "
+        "top_k_top_p_sampling_from_probs");
   CHECK(refusal(R"({"op": "rmsnorm", "dtype": "bfloat16"})") == "spec for op \"rmsnorm\": field \"hidden_size\" is missing");
   CHECK(refusal(R"({"op": "rmsnorm", "hidden_size": 4096, "dtype": "bfloat16", "eps": 1e-6})") ==
         "spec for op \"rmsnorm\": unknown field \"eps\"; fields of this op: dtype, hidden_size, vectors_per_thread");
@@ -89,6 +91,13 @@ TEST_CASE("spec refusals name the field, the value and what is allowed", "[spec]
   CHECK(refusal(R"({"op": "rmsnorm", "hidden_size": 4096, "dtype": 16})") ==
         "spec for op \"rmsnorm\": field \"dtype\" must be a dtype string (float16, bfloat16), got 16");
   CHECK(refusal(R"({"op": 7})") == "spec field \"op\" must be a string");
+  CHECK(refusal(R"({"op": "top_p_sampling_from_probs", "vocab_size": 0, "dtype": "float32"})") ==
+        "spec for op \"top_p_sampling_from_probs\": field \"vocab_size\" = 0 is out of range: allowed 1..16777216");
+  CHECK(refusal(R"({"op": "top_p_sampling_from_probs", "vocab_size": 128256, "dtype": "int32"})") ==
+        "spec for op \"top_p_sampling_from_probs\": field \"dtype\" = \"int32\" is not a supported dtype: allowed "
+        "float32, float16, bfloat16");
+  CHECK(refusal(R"({"op": "top_p_sampling_from_probs", "vocab_size": 128256, "dtype": "float32", "per_row_params": 1})") ==
+        "spec for op \"top_p_sampling_from_probs\": field \"per_row_params\" must be true or false, got 1");
   CHECK(refusal(R"([1, 2])") == "spec must be a JSON object, got array");
   CHECK(refusal(R"({"hidden_size": 4096})").find("spec has no \"op\" field") == 0);
   CHECK(refusal("{\"op\": \"rmsnorm\",\n \"hidden_size\": 4096,,}").find("spec is not valid JSON: parse error at line 2, column 22") == 0);

@@ -7,6 +7,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstring>
+#include <cmath>
 #include <random>
 
 #include <fmt/format.h>
@@ -77,6 +78,39 @@ struct Events {
   }
 };
 
+// Inputs that must be valid for the kernel to do representative work, by parameter name:
+// "probs" rows are softmax(3 N(0, 1)) distributions; sampling parameters take typical values.
+double typical_value(const std::string& name) {
+  if (name == "top_k") return 50;
+  if (name == "top_p") return 0.9;
+  if (name == "min_p") return 0.1;
+  if (name == "seed" || name == "offset") return 0;
+  return 1e-6;  // eps
+}
+
+void fill_by_name(std::vector<unsigned char>& host, const Param& p, std::int64_t rows, std::mt19937& rng) {
+  if (p.name == "probs" && p.dtype == DType::float32 && rows > 0) {
+    const std::size_t n = host.size() / 4, cols = n / static_cast<std::size_t>(rows);
+    std::normal_distribution<float> normal(0.f, 3.f);
+    std::vector<float> row(cols);
+    for (std::int64_t r = 0; r < rows; ++r) {
+      float m = -1e30f, sum = 0;
+      for (auto& x : row) m = std::max(m, x = normal(rng));
+      for (auto& x : row) sum += (x = std::exp(x - m));
+      for (auto& x : row) x /= sum;
+      std::memcpy(&host[static_cast<std::size_t>(r) * cols * 4], row.data(), cols * 4);
+    }
+  } else if (p.name == "top_k" && p.dtype == DType::int32) {
+    const int k = static_cast<int>(typical_value("top_k"));
+    for (std::size_t i = 0; i + 4 <= host.size(); i += 4) std::memcpy(&host[i], &k, 4);
+  } else if ((p.name == "top_p" || p.name == "min_p") && p.dtype == DType::float32) {
+    const float v = static_cast<float>(typical_value(p.name));
+    for (std::size_t i = 0; i + 4 <= host.size(); i += 4) std::memcpy(&host[i], &v, 4);
+  } else {
+    fill_random(host, p.dtype, rng);
+  }
+}
+
 std::int64_t resolve_dim(const std::string& axis, const std::map<std::string, std::int64_t>& shape) {
   if (!axis.empty() && std::isdigit(static_cast<unsigned char>(axis[0]))) return std::stoll(axis);
   auto it = shape.find(axis);
@@ -104,21 +138,22 @@ BenchResult bench_kernel(const Kernel& kernel, const std::map<std::string, std::
         std::size_t bytes = static_cast<std::size_t>(elements) * dtype_size(p.dtype);
         buffers.emplace_back(bytes);
         std::vector<unsigned char> host(bytes);
-        fill_random(host, p.dtype, rng);
+        fill_by_name(host, p, p.shape.empty() ? 0 : resolve_dim(p.shape[0], shape), rng);
         buffers.back().upload(host.data());
         r.bytes += static_cast<double>(bytes) * (p.access == Param::Access::read_write ? 2 : 1);
         args.emplace_back(static_cast<const void*>(buffers.back().get()));
         break;
       }
       case Param::Kind::integer: {
-        std::int64_t v = resolve_dim(p.name, shape);
-        r.shape[p.name] = v;
+        std::int64_t v = shape.count(p.name) || p.name == "batch_size" ? resolve_dim(p.name, shape)
+                                                                        : static_cast<std::int64_t>(typical_value(p.name));
+        if (p.name == "batch_size" || shape.count(p.name)) r.shape[p.name] = v;
         args.emplace_back(v);
         break;
       }
       case Param::Kind::real: {
         auto it = reals.find(p.name);
-        args.emplace_back(it == reals.end() ? 1e-6 : it->second);
+        args.emplace_back(it == reals.end() ? typical_value(p.name) : it->second);
         break;
       }
     }

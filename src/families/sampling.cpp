@@ -1,0 +1,140 @@
+// Sorting-free sampling from probabilities (templates/kjit/sampling.cuh).
+//
+//   {"op": "top_p_sampling_from_probs", "vocab_size": 128256, "dtype": "float32"}
+//   ops: sampling_from_probs, top_k_sampling_from_probs, top_p_sampling_from_probs,
+//        min_p_sampling_from_probs, top_k_top_p_sampling_from_probs (joint: both filters
+//        on the original distribution)
+//   fields: vocab_size (1..16777216), dtype (float32 | float16 | bfloat16),
+//           per_row_params (false: top_k / top_p / min_p are scalars; true: one per row)
+//
+// Arguments: probs [batch_size, vocab], samples int32 [batch_size] (written), the
+// filter's parameters, batch_size, seed, offset. The same (seed, offset) gives the
+// same samples. Scalars are checked on the host (top_k in 1..vocab, top_p in (0, 1],
+// min_p in [0, 1]); per-row values are clamped into those ranges on the GPU (NaN top_p
+// acts as the smallest p: the most likely token(s)).
+#include <fmt/format.h>
+
+#include "families/family.hpp"
+
+namespace kjit::families {
+namespace {
+
+constexpr std::int64_t kMaxVocab = 1 << 24;
+constexpr DType kDTypes[] = {DType::float32, DType::float16, DType::bfloat16};
+
+struct Variant {
+  std::string_view op;
+  std::string_view filter;
+  bool top_k, top_p, min_p;
+};
+constexpr Variant kVariants[] = {
+    {"sampling_from_probs", "none", false, false, false},
+    {"top_k_sampling_from_probs", "top_k", true, false, false},
+    {"top_p_sampling_from_probs", "top_p", false, true, false},
+    {"min_p_sampling_from_probs", "min_p", false, false, true},
+    {"top_k_top_p_sampling_from_probs", "top_k_top_p", true, true, false},
+};
+
+std::string_view c_type(DType d) {
+  return d == DType::float32 ? "float" : d == DType::float16 ? "__half" : "__nv_bfloat16";
+}
+
+class SamplingFamily final : public Family {
+ public:
+  std::string_view name() const override { return "sampling"; }
+  std::vector<std::string_view> ops() const override {
+    std::vector<std::string_view> out;
+    for (const auto& v : kVariants) out.push_back(v.op);
+    return out;
+  }
+
+  KernelPlan plan(const spec::Spec& s) const override {
+    const Variant* variant = nullptr;
+    for (const auto& v : kVariants)
+      if (v.op == s.op) variant = &v;
+    spec::FieldReader fields(s);
+    const std::int64_t vocab = fields.integer("vocab_size", 1, kMaxVocab);
+    const DType dtype = fields.dtype("dtype", kDTypes);
+    const bool per_row = fields.boolean("per_row_params", false);
+    fields.finish();
+
+    int vec = 16 / static_cast<int>(dtype_size(dtype));
+    while (vocab % vec != 0) vec /= 2;
+    // 1024 threads cap a thread at 64 registers; the joint filter needs a few more.
+    const int threads = variant->top_k && variant->top_p ? 512 : 1024;
+
+    KernelPlan plan;
+    plan.op = std::string(variant->op);
+    plan.spec = {{"op", plan.op}, {"vocab_size", vocab}, {"dtype", dtype_name(dtype)}};
+    if (per_row) plan.spec["per_row_params"] = true;
+    plan.template_name = "sampling.cu.j2";
+    plan.entry = fmt::format("kjit_{}", variant->op);
+
+    const std::string v = std::to_string(vocab);
+    auto& p = plan.params;
+    p.push_back(tensor_param("probs", dtype, {"batch_size", v}));
+    p.push_back(tensor_param("samples", DType::int32, {"batch_size"}, Param::Access::write));
+    nlohmann::json entry_params = nlohmann::json::array();
+    std::string top_k = "0", top_p = "1.f", min_p = "0.f";
+    const std::string row = "[blockIdx.x]";
+    if (variant->top_k) {
+      if (per_row) {
+        p.push_back(tensor_param("top_k", DType::int32, {"batch_size"}));
+        entry_params.push_back({"top_k", "const int*"});
+        top_k = fmt::format("min(max(static_cast<long long>(top_k{}), 1LL), {}LL)", row, vocab);
+      } else {
+        p.push_back(integer_param("top_k", 1, static_cast<double>(vocab)));
+        entry_params.push_back({"top_k", "long long"});
+        top_k = "top_k";
+      }
+    }
+    if (variant->top_p) {
+      if (per_row) {
+        p.push_back(tensor_param("top_p", DType::float32, {"batch_size"}));
+        entry_params.push_back({"top_p", "const float*"});
+        top_p = fmt::format("fminf(fmaxf(top_p{}, 1e-30f), 1.f)", row);
+      } else {
+        p.push_back(real_param("top_p", 0.0, 1.0, /*min_exclusive=*/true));
+        entry_params.push_back({"top_p", "float"});
+        top_p = "top_p";
+      }
+    }
+    if (variant->min_p) {
+      if (per_row) {
+        p.push_back(tensor_param("min_p", DType::float32, {"batch_size"}));
+        entry_params.push_back({"min_p", "const float*"});
+        min_p = fmt::format("fminf(fmaxf(min_p{}, 0.f), 1.f)", row);
+      } else {
+        p.push_back(real_param("min_p", 0.0, 1.0));
+        entry_params.push_back({"min_p", "float"});
+        min_p = "min_p";
+      }
+    }
+    p.push_back(integer_param("batch_size"));
+    // Any 64-bit pattern: the kernel reads them as unsigned.
+    p.push_back(integer_param("seed", -std::numeric_limits<double>::infinity()));
+    p.push_back(integer_param("offset", -std::numeric_limits<double>::infinity()));
+
+    plan.template_params = {{"op", plan.op},
+                            {"vocab_size", vocab},
+                            {"dtype", dtype_name(dtype)},
+                            {"ctype", c_type(dtype)},
+                            {"vec", vec},
+                            {"threads", threads},
+                            {"filter", variant->filter},
+                            {"per_row", per_row},
+                            {"params", entry_params},
+                            {"top_k_expr", top_k},
+                            {"top_p_expr", top_p},
+                            {"min_p_expr", min_p}};
+    plan.launch.block[0] = threads;
+    plan.launch.grid[0] = GridDim{param_index(p, "batch_size"), 1};
+    return plan;
+  }
+};
+
+}  // namespace
+
+std::unique_ptr<Family> make_sampling_family() { return std::make_unique<SamplingFamily>(); }
+
+}  // namespace kjit::families

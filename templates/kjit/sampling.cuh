@@ -1,0 +1,283 @@
+// Sorting-free sampling: one block per row, a few passes over the row.
+//
+// Every filter kjit supports keeps an upper set of the row, S = {i : p_i >= t},
+// so a sample from p restricted to S can be drawn by rejection without sorting:
+//
+//   round r:  draw a candidate j from p restricted to {p > lo}, then test it:
+//             j in S iff  count(p > p_j) < k             (top-k)
+//                         mass(p > p_j) < top_p * total  (top-p)
+//                         p_j >= min_p * max(p)          (min-p)
+//             accept, or raise lo to p_j (every token at or below p_j is outside S).
+//
+// A candidate drawn from a superset of S and kept only if it lies in S is exactly
+// a draw from p restricted to S. A draw is two-level: each thread owns a chunk of
+// the row and sums its eligible mass during the pass; an exponential race over
+// the 1024 chunk sums (argmin E_t / S_t) picks a chunk with probability S_t / sum S,
+// and a race over the chunk's elements (argmin E_i / p_i), run by one warp, picks
+// the token with probability p_i / S_t. Random numbers come from Philox keyed by
+// (seed, offset) and counted by (row, round, thread or element), so the result does
+// not depend on scheduling. The test of round r's candidate shares round r+1's pass.
+// Each pass also counts the tokens and mass above a few pivot values: a pivot with
+// k tokens (or top_p of the mass) above it is below the threshold, and lo jumps to
+// it; this bounds the rounds top-k needs on long-tailed rows.
+// Sets are tie-inclusive: tokens equal to the boundary value are all in S.
+// NaN and negative probabilities count as 0; a row with no positive entry, or one
+// that has not converged after kMaxRounds, yields its largest entry.
+#pragma once
+
+#include "kjit/common.cuh"
+#include "kjit/philox.cuh"
+
+namespace kjit::sampling {
+
+enum class Filter { none, top_k, top_p, min_p, top_k_top_p };
+
+struct RowParams {
+  long long top_k;
+  float top_p;
+  float min_p;
+};
+
+// Pivot values and the count / mass above each; nothing at all without pivots.
+template <int N>
+struct Pivots {
+  float value[N];
+  int count[N];
+  float mass[N];
+};
+template <>
+struct Pivots<0> {};
+
+template <typename T, int kVocab, int kVec, int kThreads, Filter kFilter>
+struct Sampler {
+  static constexpr int kWarps = kThreads / 32;
+  static constexpr int kMaxRounds = 64;
+  static constexpr int kNone = 0x7fffffff;  // no token
+  static constexpr bool kTopK = kFilter == Filter::top_k || kFilter == Filter::top_k_top_p;
+  static constexpr bool kTopP = kFilter == Filter::top_p || kFilter == Filter::top_k_top_p;
+  static constexpr int kPivots = kTopK || kTopP ? 8 : 0;
+  static constexpr int kVecsPerRow = kVocab / kVec;
+  static_assert(kVocab % kVec == 0, "vector width must divide the vocabulary");
+
+  struct Partial {
+    float key;     // chunk race: smallest E_t / S_t
+    int index;     // its thread
+    int count;     // tokens above the pending candidate
+    double mass;   // their mass
+    double total;  // mass of the row (round 0)
+    float max;     // largest entry (round 0)
+    int argmax;
+  };
+
+  struct Shared {
+    Partial warp_partials[kWarps];
+    int pivot_count[kPivots > 0 ? kPivots : 1];
+    float pivot_mass[kPivots > 0 ? kPivots : 1];
+    int candidate;
+  };
+
+  static __device__ __forceinline__ float clean(float p) { return p > 0.f ? p : 0.f; }  // NaN, negatives -> 0
+
+  static __device__ __forceinline__ Partial combine(Partial a, const Partial& b) {
+    if (b.key < a.key || (b.key == a.key && b.index < a.index)) { a.key = b.key; a.index = b.index; }
+    a.count += b.count;
+    a.mass += b.mass;
+    a.total += b.total;
+    if (b.max > a.max || (b.max == a.max && b.argmax < a.argmax)) { a.max = b.max; a.argmax = b.argmax; }
+    return a;
+  }
+
+  static __device__ Partial block_reduce(Partial v, Shared& shared) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) {
+      Partial o;
+      o.key = __shfl_xor_sync(0xffffffffu, v.key, offset);
+      o.index = __shfl_xor_sync(0xffffffffu, v.index, offset);
+      o.count = __shfl_xor_sync(0xffffffffu, v.count, offset);
+      o.mass = __shfl_xor_sync(0xffffffffu, v.mass, offset);
+      o.total = __shfl_xor_sync(0xffffffffu, v.total, offset);
+      o.max = __shfl_xor_sync(0xffffffffu, v.max, offset);
+      o.argmax = __shfl_xor_sync(0xffffffffu, v.argmax, offset);
+      v = combine(v, o);
+    }
+    if (threadIdx.x % 32 == 0) shared.warp_partials[threadIdx.x / 32] = v;
+    __syncthreads();
+    Partial r = shared.warp_partials[0];
+#pragma unroll 4
+    for (int w = 1; w < kWarps; ++w) r = combine(r, shared.warp_partials[w]);
+    return r;
+  }
+
+  static __device__ __forceinline__ unsigned pick(const uint4& bits, int i) {
+    return (i & 3) == 0 ? bits.x : (i & 3) == 1 ? bits.y : (i & 3) == 2 ? bits.z : bits.w;
+  }
+
+  static __device__ void run(const T* __restrict__ probs, int* __restrict__ samples, RowParams params,
+                             unsigned long long seed, unsigned long long offset) {
+    __shared__ Shared shared;
+    const int row = blockIdx.x;
+    const int lane = threadIdx.x % 32;
+    const T* p_row = probs + static_cast<long long>(row) * kVocab;
+    random::Philox4x32 philox;
+    philox.key = make_uint2(static_cast<unsigned>(seed), static_cast<unsigned>(seed >> 32) ^ static_cast<unsigned>(offset >> 32));
+    philox.counter = make_uint4(0, static_cast<unsigned>(row), 0, static_cast<unsigned>(offset));
+
+    float lo = 0.f;          // draws are from {p > lo}
+    float floor = 0.f;       // min-p: and from {p >= floor} once the row maximum is known
+    int candidate = -1;      // pending candidate, tested in the next pass
+    float candidate_p = 0.f;
+    double total = 0.0;
+    float row_max = 0.f;
+    int row_argmax = 0;
+    int result = -1;
+    Pivots<kPivots> pivots;
+    if constexpr (kPivots > 0) {
+#pragma unroll
+      for (int j = 0; j < kPivots; ++j) pivots.value[j] = __int_as_float((127 - 2 * (kPivots - j)) << 23);  // 2^-16 .. 1/4
+    }
+
+    for (int round = 0; round <= kMaxRounds && result < 0; ++round) {
+      Partial part{__int_as_float(0x7f800000), kNone, 0, 0.0, 0.0, -1.f, kNone};
+      double chunk = 0.0;  // this thread's eligible mass
+      if constexpr (kPivots > 0) {
+#pragma unroll
+        for (int q = 0; q < kPivots; ++q) { pivots.count[q] = 0; pivots.mass[q] = 0.f; }
+      }
+      for (int v = threadIdx.x; v < kVecsPerRow; v += kThreads) {
+        Vec<T, kVec> x;
+        x.load(p_row + v * kVec);
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) {
+          const float p = clean(to_float(x[j]));
+          if (round == 0) {
+            part.total += p;
+            if (p > part.max) { part.max = p; part.argmax = v * kVec + j; }
+          }
+          if (candidate >= 0 && p > candidate_p) {
+            ++part.count;
+            part.mass += p;
+          }
+          if (p > lo && p >= floor) chunk += p;
+          if constexpr (kPivots > 0) {
+            if (p > pivots.value[0]) {  // ascending: most of a long tail stops here
+#pragma unroll
+              for (int q = 0; q < kPivots; ++q)
+                if (p > pivots.value[q]) {
+                  if constexpr (kTopK) ++pivots.count[q];
+                  if constexpr (kTopP) pivots.mass[q] += p;
+                }
+            }
+          }
+        }
+      }
+      // The chunk race: one exponential per thread.
+      philox.counter.x = threadIdx.x;
+      philox.counter.z = 2u * round;
+      if (chunk > 0.0) {
+        part.key = static_cast<float>(random::exponential(philox().x) / chunk);
+        part.index = threadIdx.x;
+      }
+      if constexpr (kPivots > 0) {
+        if (threadIdx.x < kPivots) { shared.pivot_count[threadIdx.x] = 0; shared.pivot_mass[threadIdx.x] = 0.f; }
+        __syncthreads();
+#pragma unroll
+        for (int q = 0; q < kPivots; ++q) {
+          int c = pivots.count[q];
+          float m = pivots.mass[q];
+#pragma unroll
+          for (int o = 16; o > 0; o /= 2) {
+            c += __shfl_xor_sync(0xffffffffu, c, o);
+            m += __shfl_xor_sync(0xffffffffu, m, o);
+          }
+          if (lane == 0) { atomicAdd(&shared.pivot_count[q], c); atomicAdd(&shared.pivot_mass[q], m); }
+        }
+      }
+      const Partial r = block_reduce(part, shared);  // its barrier also orders the pivot sums
+      const float drawn_lo = lo, drawn_floor = floor;  // the eligibility the chunk sums were taken with
+      if (round == 0) {
+        total = r.total;
+        row_max = r.max;
+        row_argmax = r.max > 0.f ? r.argmax : 0;
+        if constexpr (kFilter == Filter::min_p) floor = fminf(fmaxf(params.min_p, 0.f), 1.f) * row_max;
+      }
+      if (candidate >= 0) {  // test the pending candidate
+        bool in_set = true;
+        if constexpr (kTopK) in_set = in_set && r.count < params.top_k;
+        if constexpr (kTopP) in_set = in_set && r.mass < static_cast<double>(params.top_p) * total;
+        if (in_set) { result = candidate; break; }
+        lo = fmaxf(lo, candidate_p);
+      }
+      // Pivots with k tokens, or top_p of the mass, strictly above them lie below the threshold.
+      // Pivot masses are fp32 sums, so top-p asks for a margin that covers their rounding.
+      if constexpr (kPivots > 0) {
+#pragma unroll
+        for (int q = 0; q < kPivots; ++q) {
+          bool below = false;
+          if constexpr (kTopK) below = below || shared.pivot_count[q] >= params.top_k;
+          if constexpr (kTopP)
+            below = below || static_cast<double>(shared.pivot_mass[q]) >= static_cast<double>(params.top_p) * total * (1.0 + 1e-4);
+          if (below) lo = fmaxf(lo, pivots.value[q]);
+        }
+      }
+      __syncthreads();  // everyone has read the shared sums
+      if (r.index == kNone) { result = row_argmax; break; }  // nothing to draw from: no positive entry
+
+      // The element race inside the winning chunk, by warp 0.
+      if (threadIdx.x < 32) {
+        float best_key = __int_as_float(0x7f800000);
+        int best = kNone;
+        philox.counter.z = 2u * round + 1u;
+        for (int v = r.index + lane * kThreads; v < kVecsPerRow; v += 32 * kThreads) {
+          Vec<T, kVec> x;
+          x.load(p_row + v * kVec);
+          int group = -1;
+          uint4 bits;
+#pragma unroll
+          for (int j = 0; j < kVec; ++j) {
+            const int i = v * kVec + j;
+            const float p = clean(to_float(x[j]));
+            if (p > drawn_lo && p >= drawn_floor && p > 0.f) {
+              if (i / 4 != group) {
+                group = i / 4;
+                philox.counter.x = static_cast<unsigned>(group);
+                bits = philox();
+              }
+              const float key = random::exponential(pick(bits, i)) / p;
+              if (key < best_key || (key == best_key && i < best)) { best_key = key; best = i; }
+            }
+          }
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o /= 2) {
+          const float k2 = __shfl_xor_sync(0xffffffffu, best_key, o);
+          const int i2 = __shfl_xor_sync(0xffffffffu, best, o);
+          if (k2 < best_key || (k2 == best_key && i2 < best)) { best_key = k2; best = i2; }
+        }
+        if (lane == 0) shared.candidate = best;
+      }
+      __syncthreads();
+      candidate = shared.candidate;
+      __syncthreads();  // shared.candidate is rewritten next round
+      if (candidate == kNone) { result = row_argmax; break; }  // cannot happen: the chunk had mass
+      candidate_p = clean(to_float(p_row[candidate]));
+      if constexpr (kFilter == Filter::none) result = candidate;
+      if constexpr (kFilter == Filter::min_p) {
+        // Tested at once; after round 0 the draw is inside S, so round 1 always accepts.
+        if (candidate_p >= floor) result = candidate;
+        else candidate = -1;
+      }
+      if constexpr (kPivots > 0) {
+        if (candidate_p <= lo) candidate = -1;  // already known to be outside S: draw again
+        // Next pivots, ascending: geometric between the floor of the search and the row maximum.
+        const float base = fmaxf(lo, row_max * 5.9604645e-8f);  // 2^-24 of the maximum
+#pragma unroll
+        for (int q = 0; q < kPivots; ++q)
+          pivots.value[q] = base * exp2f(log2f(row_max / base) * static_cast<float>(q + 1) / static_cast<float>(kPivots + 1));
+      }
+    }
+    if (result < 0) result = row_argmax;  // did not converge in kMaxRounds
+    if (threadIdx.x == 0) samples[row] = result;
+  }
+};
+
+}  // namespace kjit::sampling
