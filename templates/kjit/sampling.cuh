@@ -10,7 +10,8 @@
 //             accept, or raise lo to p_j (every token at or below p_j is outside S).
 //
 // A candidate drawn from a superset of S and kept only if it lies in S is exactly
-// a draw from p restricted to S. A draw is two-level: each thread owns a chunk of
+// a draw from p restricted to S (tested filters draw four candidates a round and
+// take the first inside S). A draw is two-level: each thread owns a chunk of
 // the row and sums its eligible mass during the pass; an exponential race over
 // the 1024 chunk sums (argmin E_t / S_t) picks a chunk with probability S_t / sum S,
 // and a race over the chunk's elements (argmin E_i / p_i), run by one warp, picks
@@ -55,17 +56,23 @@ struct Sampler {
   static constexpr int kNone = 0x7fffffff;  // no token
   static constexpr bool kTopK = kFilter == Filter::top_k || kFilter == Filter::top_k_top_p;
   static constexpr bool kTopP = kFilter == Filter::top_p || kFilter == Filter::top_k_top_p;
-  static constexpr int kPivots = kTopK || kTopP ? 8 : 0;
+  static constexpr bool kTested = kTopK || kTopP;  // candidates wait for a counting pass
+  static constexpr int kPivots = kTested ? 8 : 0;
+  // Candidates drawn per round. The kernel's time is its slowest row's, so tested
+  // filters draw four: the first one inside S is taken (independent draws from a
+  // superset, so still exact), and a row rarely needs more than two passes.
+  static constexpr int kDraws = kTested ? 4 : 1;
   static constexpr int kVecsPerRow = kVocab / kVec;
   static_assert(kVocab % kVec == 0, "vector width must divide the vocabulary");
+  static_assert(kDraws <= kWarps && kDraws <= 4, "one warp and one Philox lane per draw");
 
   struct Partial {
-    float key;     // chunk race: smallest E_t / S_t
-    int index;     // its thread
-    int count;     // tokens above the pending candidate
-    double mass;   // their mass
-    double total;  // mass of the row (round 0)
-    float max;     // largest entry (round 0)
+    float key[kDraws];     // chunk races: smallest E_t / S_t
+    int index[kDraws];     // their threads
+    int count[kDraws];     // tokens above each pending candidate
+    double mass[kDraws];   // their mass
+    double total;          // mass of the row (round 0)
+    float max;             // largest entry (round 0)
     int argmax;
   };
 
@@ -73,15 +80,21 @@ struct Sampler {
     Partial warp_partials[kWarps];
     int pivot_count[kPivots > 0 ? kPivots : 1];
     float pivot_mass[kPivots > 0 ? kPivots : 1];
-    int candidate;
+    int candidate[kDraws];
   };
 
   static __device__ __forceinline__ float clean(float p) { return p > 0.f ? p : 0.f; }  // NaN, negatives -> 0
 
   static __device__ __forceinline__ Partial combine(Partial a, const Partial& b) {
-    if (b.key < a.key || (b.key == a.key && b.index < a.index)) { a.key = b.key; a.index = b.index; }
-    a.count += b.count;
-    a.mass += b.mass;
+#pragma unroll
+    for (int d = 0; d < kDraws; ++d) {
+      if (b.key[d] < a.key[d] || (b.key[d] == a.key[d] && b.index[d] < a.index[d])) {
+        a.key[d] = b.key[d];
+        a.index[d] = b.index[d];
+      }
+      a.count[d] += b.count[d];
+      a.mass[d] += b.mass[d];
+    }
     a.total += b.total;
     if (b.max > a.max || (b.max == a.max && b.argmax < a.argmax)) { a.max = b.max; a.argmax = b.argmax; }
     return a;
@@ -91,10 +104,13 @@ struct Sampler {
 #pragma unroll
     for (int offset = 16; offset > 0; offset /= 2) {
       Partial o;
-      o.key = __shfl_xor_sync(0xffffffffu, v.key, offset);
-      o.index = __shfl_xor_sync(0xffffffffu, v.index, offset);
-      o.count = __shfl_xor_sync(0xffffffffu, v.count, offset);
-      o.mass = __shfl_xor_sync(0xffffffffu, v.mass, offset);
+#pragma unroll
+      for (int d = 0; d < kDraws; ++d) {
+        o.key[d] = __shfl_xor_sync(0xffffffffu, v.key[d], offset);
+        o.index[d] = __shfl_xor_sync(0xffffffffu, v.index[d], offset);
+        o.count[d] = __shfl_xor_sync(0xffffffffu, v.count[d], offset);
+        o.mass[d] = __shfl_xor_sync(0xffffffffu, v.mass[d], offset);
+      }
       o.total = __shfl_xor_sync(0xffffffffu, v.total, offset);
       o.max = __shfl_xor_sync(0xffffffffu, v.max, offset);
       o.argmax = __shfl_xor_sync(0xffffffffu, v.argmax, offset);
@@ -117,15 +133,18 @@ struct Sampler {
     __shared__ Shared shared;
     const int row = blockIdx.x;
     const int lane = threadIdx.x % 32;
+    const int warp = threadIdx.x / 32;
     const T* p_row = probs + static_cast<long long>(row) * kVocab;
     random::Philox4x32 philox;
     philox.key = make_uint2(static_cast<unsigned>(seed), static_cast<unsigned>(seed >> 32) ^ static_cast<unsigned>(offset >> 32));
     philox.counter = make_uint4(0, static_cast<unsigned>(row), 0, static_cast<unsigned>(offset));
 
-    float lo = 0.f;          // draws are from {p > lo}
-    float floor = 0.f;       // min-p: and from {p >= floor} once the row maximum is known
-    int candidate = -1;      // pending candidate, tested in the next pass
-    float candidate_p = 0.f;
+    float lo = 0.f;     // draws are from {p > lo}
+    float floor = 0.f;  // min-p: and from {p >= floor} once the row maximum is known
+    int candidate[kDraws];
+    float candidate_p[kDraws];
+#pragma unroll
+    for (int d = 0; d < kDraws; ++d) { candidate[d] = -1; candidate_p[d] = 0.f; }
     double total = 0.0;
     float row_max = 0.f;
     int row_argmax = 0;
@@ -137,8 +156,22 @@ struct Sampler {
     }
 
     for (int round = 0; round <= kMaxRounds && result < 0; ++round) {
-      Partial part{__int_as_float(0x7f800000), kNone, 0, 0.0, 0.0, -1.f, kNone};
+      Partial part;
+#pragma unroll
+      for (int d = 0; d < kDraws; ++d) {
+        part.key[d] = __int_as_float(0x7f800000);
+        part.index[d] = kNone;
+        part.count[d] = 0;
+        part.mass[d] = 0.0;
+      }
+      part.total = 0.0;
+      part.max = -1.f;
+      part.argmax = kNone;
       double chunk = 0.0;  // this thread's eligible mass
+      float gate = __int_as_float(0x7f800000);  // the lowest pending candidate's probability
+#pragma unroll
+      for (int d = 0; d < kDraws; ++d)
+        if (candidate[d] >= 0) gate = fminf(gate, candidate_p[d]);
       if constexpr (kPivots > 0) {
 #pragma unroll
         for (int q = 0; q < kPivots; ++q) { pivots.count[q] = 0; pivots.mass[q] = 0.f; }
@@ -153,9 +186,15 @@ struct Sampler {
             part.total += p;
             if (p > part.max) { part.max = p; part.argmax = v * kVec + j; }
           }
-          if (candidate >= 0 && p > candidate_p) {
-            ++part.count;
-            part.mass += p;
+          if constexpr (kTested) {
+            if (p > gate) {  // above the lowest pending candidate: rare, candidates are likely tokens
+#pragma unroll
+              for (int d = 0; d < kDraws; ++d)
+                if (candidate[d] >= 0 && p > candidate_p[d]) {
+                  ++part.count[d];
+                  part.mass[d] += p;
+                }
+            }
           }
           if (p > lo && p >= floor) chunk += p;
           if constexpr (kPivots > 0) {
@@ -170,12 +209,16 @@ struct Sampler {
           }
         }
       }
-      // The chunk race: one exponential per thread.
+      // The chunk races: one Philox call gives every draw its exponential.
       philox.counter.x = threadIdx.x;
       philox.counter.z = 2u * round;
       if (chunk > 0.0) {
-        part.key = static_cast<float>(random::exponential(philox().x) / chunk);
-        part.index = threadIdx.x;
+        const uint4 bits = philox();
+#pragma unroll
+        for (int d = 0; d < kDraws; ++d) {
+          part.key[d] = static_cast<float>(random::exponential(pick(bits, d)) / chunk);
+          part.index[d] = threadIdx.x;
+        }
       }
       if constexpr (kPivots > 0) {
         if (threadIdx.x < kPivots) { shared.pivot_count[threadIdx.x] = 0; shared.pivot_mass[threadIdx.x] = 0.f; }
@@ -200,12 +243,17 @@ struct Sampler {
         row_argmax = r.max > 0.f ? r.argmax : 0;
         if constexpr (kFilter == Filter::min_p) floor = fminf(fmaxf(params.min_p, 0.f), 1.f) * row_max;
       }
-      if (candidate >= 0) {  // test the pending candidate
-        bool in_set = true;
-        if constexpr (kTopK) in_set = in_set && r.count < params.top_k;
-        if constexpr (kTopP) in_set = in_set && r.mass < static_cast<double>(params.top_p) * total;
-        if (in_set) { result = candidate; break; }
-        lo = fmaxf(lo, candidate_p);
+      if constexpr (kTested) {  // test the pending candidates, in draw order
+#pragma unroll
+        for (int d = 0; d < kDraws; ++d) {
+          if (candidate[d] < 0 || result >= 0) continue;
+          bool in_set = true;
+          if constexpr (kTopK) in_set = in_set && r.count[d] < params.top_k;
+          if constexpr (kTopP) in_set = in_set && r.mass[d] < static_cast<double>(params.top_p) * total;
+          if (in_set) result = candidate[d];
+          else lo = fmaxf(lo, candidate_p[d]);
+        }
+        if (result >= 0) break;
       }
       // Pivots with k tokens, or top_p of the mass, strictly above them lie below the threshold.
       // Pivot masses are fp32 sums, so top-p asks for a margin that covers their rounding.
@@ -220,14 +268,18 @@ struct Sampler {
         }
       }
       __syncthreads();  // everyone has read the shared sums
-      if (r.index == kNone) { result = row_argmax; break; }  // nothing to draw from: no positive entry
+      if (r.index[0] == kNone) { result = row_argmax; break; }  // nothing to draw from: no positive entry
 
-      // The element race inside the winning chunk, by warp 0.
-      if (threadIdx.x < 32) {
+      // The element races inside the winning chunks: warp d runs draw d.
+      if (warp < kDraws) {
         float best_key = __int_as_float(0x7f800000);
         int best = kNone;
-        philox.counter.z = 2u * round + 1u;
-        for (int v = r.index + lane * kThreads; v < kVecsPerRow; v += 32 * kThreads) {
+        int chunk_owner = r.index[0];
+#pragma unroll
+        for (int d = 1; d < kDraws; ++d)
+          if (warp == d) chunk_owner = r.index[d];
+        philox.counter.z = 2u * round + 1u + 256u * static_cast<unsigned>(warp);
+        for (int v = chunk_owner + lane * kThreads; v < kVecsPerRow; v += 32 * kThreads) {
           Vec<T, kVec> x;
           x.load(p_row + v * kVec);
           int group = -1;
@@ -253,27 +305,33 @@ struct Sampler {
           const int i2 = __shfl_xor_sync(0xffffffffu, best, o);
           if (k2 < best_key || (k2 == best_key && i2 < best)) { best_key = k2; best = i2; }
         }
-        if (lane == 0) shared.candidate = best;
+        if (lane == 0) shared.candidate[warp] = best;
       }
       __syncthreads();
-      candidate = shared.candidate;
+#pragma unroll
+      for (int d = 0; d < kDraws; ++d) {
+        candidate[d] = shared.candidate[d];
+        candidate_p[d] = candidate[d] == kNone ? 0.f : clean(to_float(p_row[candidate[d]]));
+        if (candidate[d] == kNone) candidate[d] = -1;  // cannot happen: the chunk had mass
+      }
       __syncthreads();  // shared.candidate is rewritten next round
-      if (candidate == kNone) { result = row_argmax; break; }  // cannot happen: the chunk had mass
-      candidate_p = clean(to_float(p_row[candidate]));
-      if constexpr (kFilter == Filter::none) result = candidate;
+      if constexpr (kFilter == Filter::none) result = candidate[0];
       if constexpr (kFilter == Filter::min_p) {
         // Tested at once; after round 0 the draw is inside S, so round 1 always accepts.
-        if (candidate_p >= floor) result = candidate;
-        else candidate = -1;
+        if (candidate[0] >= 0 && candidate_p[0] >= floor) result = candidate[0];
+        else candidate[0] = -1;
       }
       if constexpr (kPivots > 0) {
-        if (candidate_p <= lo) candidate = -1;  // already known to be outside S: draw again
+#pragma unroll
+        for (int d = 0; d < kDraws; ++d)
+          if (candidate_p[d] <= lo) candidate[d] = -1;  // already known to be outside S
         // Next pivots, ascending: geometric between the floor of the search and the row maximum.
         const float base = fmaxf(lo, row_max * 5.9604645e-8f);  // 2^-24 of the maximum
 #pragma unroll
         for (int q = 0; q < kPivots; ++q)
           pivots.value[q] = base * exp2f(log2f(row_max / base) * static_cast<float>(q + 1) / static_cast<float>(kPivots + 1));
       }
+      if (result < 0 && candidate[0] < 0 && kFilter == Filter::none) result = row_argmax;
     }
     if (result < 0) result = row_argmax;  // did not converge in kMaxRounds
     if (threadIdx.x == 0) samples[row] = result;
