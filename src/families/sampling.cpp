@@ -60,9 +60,9 @@ class SamplingFamily final : public Family {
 
     int vec = 16 / static_cast<int>(dtype_size(dtype));
     while (vocab % vec != 0) vec /= 2;
-    // 1024 threads cap a thread at 64 registers; the tested filters track four
-    // candidates and need more, so they get 512.
-    const int threads = variant->top_k || variant->top_p ? 512 : 1024;
+    // 512 threads: a thread may use 128 registers, which four loads in flight
+    // (and, for the tested filters, four candidates) need.
+    const int threads = 512;
 
     KernelPlan plan;
     plan.op = std::string(variant->op);

@@ -63,6 +63,7 @@ struct Sampler {
   // superset, so still exact), and a row rarely needs more than two passes.
   static constexpr int kDraws = kTested ? 4 : 1;
   static constexpr int kVecsPerRow = kVocab / kVec;
+  static constexpr int kUnroll = 4;
   static_assert(kVocab % kVec == 0, "vector width must divide the vocabulary");
   static_assert(kDraws <= kWarps && kDraws <= 4, "one warp and one Philox lane per draw");
 
@@ -176,35 +177,45 @@ struct Sampler {
 #pragma unroll
         for (int q = 0; q < kPivots; ++q) { pivots.count[q] = 0; pivots.mass[q] = 0.f; }
       }
-      for (int v = threadIdx.x; v < kVecsPerRow; v += kThreads) {
-        Vec<T, kVec> x;
-        x.load(p_row + v * kVec);
+      // kUnroll loads in flight per thread before any is used: one block per SM
+      // streams a row, so bytes in flight, not arithmetic, set the pass time.
+      for (int base = threadIdx.x; base < kVecsPerRow; base += kThreads * kUnroll) {
+        Vec<T, kVec> xs[kUnroll];
 #pragma unroll
-        for (int j = 0; j < kVec; ++j) {
-          const float p = clean(to_float(x[j]));
-          if (round == 0) {
-            part.total += p;
-            if (p > part.max) { part.max = p; part.argmax = v * kVec + j; }
-          }
-          if constexpr (kTested) {
-            if (p > gate) {  // above the lowest pending candidate: rare, candidates are likely tokens
+        for (int u = 0; u < kUnroll; ++u)
+          if (base + u * kThreads < kVecsPerRow) xs[u].load(p_row + (base + u * kThreads) * kVec);
 #pragma unroll
-              for (int d = 0; d < kDraws; ++d)
-                if (candidate[d] >= 0 && p > candidate_p[d]) {
-                  ++part.count[d];
-                  part.mass[d] += p;
-                }
+        for (int u = 0; u < kUnroll; ++u) {
+          const int v = base + u * kThreads;
+          if (v >= kVecsPerRow) break;
+          const Vec<T, kVec>& x = xs[u];
+#pragma unroll
+          for (int j = 0; j < kVec; ++j) {
+            const float p = clean(to_float(x[j]));
+            if (round == 0) {
+              part.total += p;
+              if (p > part.max) { part.max = p; part.argmax = v * kVec + j; }
             }
-          }
-          if (p > lo && p >= floor) chunk += p;
-          if constexpr (kPivots > 0) {
-            if (p > pivots.value[0]) {  // ascending: most of a long tail stops here
+            if constexpr (kTested) {
+              if (p > gate) {  // above the lowest pending candidate: rare, candidates are likely tokens
 #pragma unroll
-              for (int q = 0; q < kPivots; ++q)
-                if (p > pivots.value[q]) {
-                  if constexpr (kTopK) ++pivots.count[q];
-                  if constexpr (kTopP) pivots.mass[q] += p;
-                }
+                for (int d = 0; d < kDraws; ++d)
+                  if (candidate[d] >= 0 && p > candidate_p[d]) {
+                    ++part.count[d];
+                    part.mass[d] += p;
+                  }
+              }
+            }
+            if (p > lo && p >= floor) chunk += p;
+            if constexpr (kPivots > 0) {
+              if (p > pivots.value[0]) {  // ascending: most of a long tail stops here
+#pragma unroll
+                for (int q = 0; q < kPivots; ++q)
+                  if (p > pivots.value[q]) {
+                    if constexpr (kTopK) ++pivots.count[q];
+                    if constexpr (kTopP) pivots.mass[q] += p;
+                  }
+              }
             }
           }
         }
