@@ -18,7 +18,9 @@ from . import _capi
 
 __all__ = ["Engine", "Kernel", "Error", "SpecError", "TemplateError", "CompileError", "CacheError", "CudaError",
            "UnavailableError", "ArgumentError", "version", "default_engine",
-           "rmsnorm", "fused_add_rmsnorm", "rmsnorm_fp8_quant", "fused_add_rmsnorm_fp8_quant"]
+           "rmsnorm", "fused_add_rmsnorm", "rmsnorm_fp8_quant", "fused_add_rmsnorm_fp8_quant",
+           "sampling_from_probs", "top_k_sampling_from_probs", "top_p_sampling_from_probs", "min_p_sampling_from_probs",
+           "top_k_top_p_sampling_from_probs"]
 
 
 class Error(RuntimeError):
@@ -187,3 +189,5 @@ def default_engine():
 
 
 from .norm import rmsnorm, fused_add_rmsnorm, rmsnorm_fp8_quant, fused_add_rmsnorm_fp8_quant  # noqa: E402
+from .sampling import (sampling_from_probs, top_k_sampling_from_probs, top_p_sampling_from_probs,  # noqa: E402
+                       min_p_sampling_from_probs, top_k_top_p_sampling_from_probs)

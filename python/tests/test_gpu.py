@@ -74,6 +74,29 @@ class TorchTest(unittest.TestCase):
         torch.cuda.synchronize()
         self.assertTrue(torch.equal(out, out2))
 
+    def test_sampling_helpers(self):
+        probs = torch.softmax(torch.randn(64, 32000, device="cuda") * 3, -1)
+        sorted_p, _ = probs.double().sort(-1, descending=True)
+        # top-k: never a token with k or more tokens strictly above it.
+        for k in (1, 20, torch.randint(1, 100, (64,), device="cuda")):
+            t = kjit.top_k_sampling_from_probs(probs, k, seed=5, offset=1).long()
+            kk = k if isinstance(k, int) else k.long()
+            above = (probs.double() > probs.double().gather(1, t[:, None])).sum(-1)
+            self.assertTrue(bool((above < kk).all()))
+        # top-p: the mass strictly above the token is below top_p.
+        t = kjit.top_p_sampling_from_probs(probs, 0.5, seed=5, offset=2).long()
+        p_t = probs.double().gather(1, t[:, None])
+        mass_above = (probs.double() * (probs.double() > p_t)).sum(-1)
+        self.assertTrue(bool((mass_above < 0.5 * probs.double().sum(-1)).all()))
+        # min-p and plain sampling, and determinism in (seed, offset).
+        t = kjit.min_p_sampling_from_probs(probs, 0.2, seed=1, offset=0).long()
+        self.assertTrue(bool((probs.gather(1, t[:, None])[:, 0] >= 0.2 * probs.max(-1).values).all()))
+        a = kjit.sampling_from_probs(probs, seed=9, offset=3)
+        self.assertTrue(torch.equal(a, kjit.sampling_from_probs(probs, seed=9, offset=3)))
+        self.assertEqual(a.dtype, torch.int32)
+        j = kjit.top_k_top_p_sampling_from_probs(probs.half(), 10, torch.full((64,), 0.8, device="cuda"), seed=2)
+        self.assertTrue(bool(((j >= 0) & (j < 32000)).all()))
+
     def test_errors_carry_kjit_messages(self):
         k = kjit.Engine().get({"op": "rmsnorm", "hidden_size": 512, "dtype": "float16"})
         x = torch.randn(4, 512, dtype=torch.float16, device="cuda")

@@ -1,0 +1,51 @@
+"""FlashInfer-like sampling helpers over torch tensors (torch is needed only to allocate outputs).
+
+Each takes probabilities [batch, vocab] (float32, float16 or bfloat16) and returns int32
+token ids [batch]. Filter parameters are a Python number (one for every row) or a tensor
+with one value per row. `seed` and `offset` pick the random numbers: the same pair gives
+the same tokens; advance `offset` between steps.
+"""
+from . import default_engine
+
+
+def _sample(op, probs, params, seed, offset, engine):
+    import torch
+    if probs.dim() != 2:
+        raise ValueError(f"{op}: probs must be 2-D [batch, vocab], got shape {tuple(probs.shape)}")
+    per_row = any(isinstance(v, torch.Tensor) for v in params.values())
+    spec = {"op": op, "vocab_size": int(probs.shape[1]), "dtype": str(probs.dtype).replace("torch.", "")}
+    if per_row:
+        spec["per_row_params"] = True
+    kernel = (engine or default_engine()).get(spec)
+    args = []
+    for name, value in params.items():
+        if per_row:
+            dtype = torch.int32 if name == "top_k" else torch.float32
+            value = value if isinstance(value, torch.Tensor) else torch.full((probs.shape[0],), value, device=probs.device)
+            args.append(value.to(device=probs.device, dtype=dtype).contiguous())
+        else:
+            args.append(value)
+    samples = torch.empty(probs.shape[0], dtype=torch.int32, device=probs.device)
+    kernel(probs, samples, *args, probs.shape[0], seed, offset)
+    return samples
+
+
+def sampling_from_probs(probs, seed=0, offset=0, engine=None):
+    return _sample("sampling_from_probs", probs, {}, seed, offset, engine)
+
+
+def top_k_sampling_from_probs(probs, top_k, seed=0, offset=0, engine=None):
+    return _sample("top_k_sampling_from_probs", probs, {"top_k": top_k}, seed, offset, engine)
+
+
+def top_p_sampling_from_probs(probs, top_p, seed=0, offset=0, engine=None):
+    return _sample("top_p_sampling_from_probs", probs, {"top_p": top_p}, seed, offset, engine)
+
+
+def min_p_sampling_from_probs(probs, min_p, seed=0, offset=0, engine=None):
+    return _sample("min_p_sampling_from_probs", probs, {"min_p": min_p}, seed, offset, engine)
+
+
+def top_k_top_p_sampling_from_probs(probs, top_k, top_p, seed=0, offset=0, engine=None):
+    """Joint filter: tokens inside both the top-k and the top-p set of the original distribution."""
+    return _sample("top_k_top_p_sampling_from_probs", probs, {"top_k": top_k, "top_p": top_p}, seed, offset, engine)
