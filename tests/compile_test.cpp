@@ -21,6 +21,31 @@ kjit::EngineOptions memory_only() {
   return o;
 }
 
+// Builds every spec for sm_90a on two threads; failures are "spec: message".
+std::pair<std::vector<kjit::Artifact>, std::vector<std::string>> build_all(const std::vector<std::string>& specs) {
+  kjit::Engine engine(memory_only());
+  std::mutex mutex;
+  std::vector<kjit::Artifact> built;
+  std::vector<std::string> failures;
+  std::atomic<std::size_t> next{0};
+  auto worker = [&] {
+    for (std::size_t i; (i = next++) < specs.size();) {
+      try {
+        auto a = engine.build(specs[i], "sm_90a");
+        std::lock_guard lock(mutex);
+        built.push_back(std::move(a));
+      } catch (const std::exception& e) {
+        std::lock_guard lock(mutex);
+        failures.push_back(specs[i] + ": " + e.what());
+      }
+    }
+  };
+  std::thread a(worker), b(worker);
+  a.join();
+  b.join();
+  return {std::move(built), std::move(failures)};
+}
+
 // Points KJIT_TEMPLATE_DIR at a directory holding one overriding template for a scope.
 struct TemplateOverride {
   std::filesystem::path dir;
@@ -44,26 +69,7 @@ TEST_CASE("every normalization variant compiles for sm_90a", "[compile]") {
       // Every FlashInfer-Bench hidden size, the largest, and awkward ones.
       for (int hidden : {128, 512, 1536, 2048, 4096, 7168, 16384, 1, 3, 100, 4097, 5120})
         specs.push_back(fmt::format(R"({{"op": "{}", "hidden_size": {}, "dtype": "{}"}})", op, hidden, dtype));
-  kjit::Engine engine(memory_only());
-  std::mutex mutex;
-  std::vector<std::string> failures;
-  std::vector<kjit::Artifact> built;
-  std::atomic<std::size_t> next{0};
-  auto worker = [&] {
-    for (std::size_t i; (i = next++) < specs.size();) {
-      try {
-        auto a = engine.build(specs[i], "sm_90a");
-        std::lock_guard lock(mutex);
-        built.push_back(std::move(a));
-      } catch (const std::exception& e) {
-        std::lock_guard lock(mutex);
-        failures.push_back(specs[i] + ": " + e.what());
-      }
-    }
-  };
-  std::thread a(worker), b(worker);
-  a.join();
-  b.join();
+  auto [built, failures] = build_all(specs);
   for (const auto& f : failures) FAIL_CHECK(f);
   REQUIRE(built.size() == specs.size());
   for (const auto& art : built) {
@@ -89,27 +95,9 @@ TEST_CASE("every sampling variant compiles for sm_90a", "[compile][sampling]") {
     for (const char* dtype : {"float32", "bfloat16"})
       specs.push_back(fmt::format(R"({{"op": "{}", "vocab_size": 151936, "dtype": "{}", "per_row_params": true}})", op, dtype));
   }
-  kjit::Engine engine(memory_only());
-  std::atomic<std::size_t> next{0};
-  std::mutex mutex;
-  std::vector<std::string> failures;
-  auto worker = [&] {
-    for (std::size_t i; (i = next++) < specs.size();) {
-      try {
-        auto a = engine.build(specs[i], "sm_90a");
-        if (a.info.spill_bytes != 0) {
-          std::lock_guard lock(mutex);
-          failures.push_back(fmt::format("{}: {} registers, {} spill bytes", specs[i], a.info.registers, a.info.spill_bytes));
-        }
-      } catch (const std::exception& e) {
-        std::lock_guard lock(mutex);
-        failures.push_back(specs[i] + ": " + e.what());
-      }
-    }
-  };
-  std::thread a(worker), b(worker);
-  a.join();
-  b.join();
+  auto [built, failures] = build_all(specs);
+  for (const auto& a : built)
+    if (a.info.spill_bytes != 0) failures.push_back(fmt::format("{}: spills {} bytes", a.info.spec, a.info.spill_bytes));
   for (const auto& f : failures) FAIL_CHECK(f);
 }
 

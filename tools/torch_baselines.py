@@ -1,0 +1,103 @@
+# PyTorch baselines that kjit's gpu-check measures side by side, timed with CUDA events
+# (median). GB/s counts one read of each input and one write of each output.
+#   python3 tools/torch_baselines.py norm       RMSNorm forms, 16384 rows
+#   python3 tools/torch_baselines.py sampling   sampling from 128256-wide softmax(3 N(0,1)) rows
+import statistics
+import sys
+
+import torch
+
+dev = "cuda"
+torch.manual_seed(0)
+
+
+def bench(fn, iters=200, warm=20):
+    for _ in range(warm):
+        fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b) * 1e3)
+    return statistics.median(ts)
+
+def fp8_quant(y):
+    amax = y.abs().amax(dim=-1, keepdim=True).float()
+    scale = torch.clamp(amax / 448.0, min=1.0 / (448.0 * 512.0))
+    return (y.float() / scale).to(torch.float8_e4m3fn), scale
+
+
+def top_p_sort(probs, p=0.9):
+    sp, si = torch.sort(probs, descending=True, dim=-1)
+    cs = torch.cumsum(sp, -1)
+    sp = sp.masked_fill(cs - sp > p, 0)
+    return si.gather(-1, torch.multinomial(sp, 1))
+
+
+def top_k_topk(probs, k=50):
+    v, i = torch.topk(probs, k, dim=-1)
+    return i.gather(-1, torch.multinomial(v, 1))
+
+
+def min_p_mask(probs, min_p=0.1):
+    keep = probs >= min_p * probs.amax(-1, keepdim=True)
+    return torch.multinomial(probs * keep, 1)
+
+
+def top_k_top_p(probs, k=50, p=0.9):
+    v, i = torch.topk(probs, k, dim=-1)
+    cs = torch.cumsum(v, -1)
+    v = v.masked_fill(cs - v > p * probs.sum(-1, keepdim=True), 0)
+    return i.gather(-1, torch.multinomial(v, 1))
+
+
+
+def norm():
+    print(f"{'torch baseline':<60} {'rows':>6} {'median us':>10} {'GB/s':>8}")
+    for hidden in (4096, 7168, 16384, 128):
+        rows = 16384
+        x = torch.randn(rows, hidden, dtype=torch.bfloat16, device=dev)
+        r = torch.randn_like(x)
+        w = torch.randn(hidden, dtype=torch.bfloat16, device=dev)
+        n = x.numel()
+        cases = [("F.rms_norm", lambda: torch.nn.functional.rms_norm(x, (hidden,), w, 1e-6), 4 * n)]
+        if hidden == 4096:
+            def fused():
+                s = x + r
+                return torch.nn.functional.rms_norm(s, (hidden,), w, 1e-6), s
+            cases.append(("add + F.rms_norm (unfused)", fused, 8 * n))
+            cases.append(("F.rms_norm + fp8 quant (eager)", lambda: fp8_quant(torch.nn.functional.rms_norm(x, (hidden,), w, 1e-6)), 3 * n))
+            try:
+                compiled = torch.compile(fused)
+                cases.append(("add + F.rms_norm (torch.compile)", compiled, 8 * n))
+                cq = torch.compile(lambda: fp8_quant(torch.nn.functional.rms_norm(x, (hidden,), w, 1e-6)))
+                cases.append(("F.rms_norm + fp8 quant (torch.compile)", cq, 3 * n))
+            except Exception as e:  # compile is optional
+                print("torch.compile failed:", repr(e)[:200])
+        for name, fn, nbytes in cases:
+            try:
+                t = bench(fn)
+            except Exception as e:
+                print(f"{name}: failed {repr(e)[:200]}")
+                continue
+            print(f"{name + f' h{hidden} bf16':<60} {rows:>6} {t:>10.2f} {nbytes / (t * 1e-6) / 1e9:>8.0f}")
+
+
+def sampling():
+    print(f"{'torch baseline':<44} {'batch':>6} {'median us':>10} {'GB/s':>8}")
+    for batch in (1, 16, 128, 512):
+        probs = torch.softmax(torch.randn(batch, 128256, device=dev) * 3, -1)
+        nbytes = probs.numel() * 4
+        for name, fn in (("multinomial", lambda: torch.multinomial(probs, 1)), ("top-p (sort + cumsum)", lambda: top_p_sort(probs)),
+                         ("top-k (torch.topk)", lambda: top_k_topk(probs)), ("min-p (mask)", lambda: min_p_mask(probs)),
+                         ("top-k + top-p (topk + cumsum)", lambda: top_k_top_p(probs))):
+            t = bench(fn, iters=50, warm=5)
+            print(f"{name + ' 128256 fp32':<44} {batch:>6} {t:>10.1f} {nbytes / (t * 1e-6) / 1e9:>8.0f}")
+
+
+if __name__ == "__main__":
+    {"norm": norm, "sampling": sampling}[sys.argv[1] if len(sys.argv) > 1 else "norm"]()
