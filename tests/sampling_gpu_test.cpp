@@ -56,6 +56,7 @@ std::vector<bool> filtered_set(const float* p, std::int64_t vocab, const Filter&
     bool ok = true;
     if (f.op.find("top_k") != std::string::npos) ok = ok && static_cast<std::int64_t>(above) < f.top_k;
     if (f.op.find("top_p") != std::string::npos) ok = ok && prefix[above] < static_cast<double>(f.top_p) * total;
+    // (the names "top_k"/"top_p" alone, as the renorm test passes them, select the same sets)
     if (f.op.find("min_p") != std::string::npos) ok = ok && static_cast<float>(v[i]) >= floor;
     in[i] = ok;
   }
@@ -354,5 +355,71 @@ TEST_CASE("bad sampling input: host errors and defined results", "[gpu][sampling
     auto t = out.download_as<int>();
     CHECK(t[0] == 0);
     CHECK(t[1] == 777);
+  }
+}
+
+TEST_CASE("top-k / top-p renormalization and top-k logit masking match float64 sets", "[gpu][sampling][renorm]") {
+  std::random_device device;
+  const std::uint64_t seed = device();
+  INFO("seed " << seed);
+  std::mt19937_64 rng(seed);
+  for (std::int64_t vocab : {128256, 32000, 1000, 17}) {
+    const std::int64_t rows = 12;
+    std::vector<float> host;
+    for (std::int64_t r = 0; r < rows; ++r) {
+      auto row = make_row(rng, vocab, static_cast<int>(r % 4));
+      host.insert(host.end(), row.begin(), row.end());
+    }
+    DeviceMemory input(host.size() * 4), output(host.size() * 4);
+    input.upload(host.data());
+    for (const Filter& f : {Filter{"top_k_renorm_probs", 1}, Filter{"top_k_renorm_probs", 50}, Filter{"top_p_renorm_probs", 0, 0.9f},
+                            Filter{"top_p_renorm_probs", 0, 0.2f}, Filter{"top_k_mask_logits", 20}}) {
+      Filter filter = f;
+      filter.top_k = std::min<std::int64_t>(std::max<std::int64_t>(f.top_k, 1), vocab);
+      const bool logits = filter.op == "top_k_mask_logits";
+      std::vector<float> values = host;
+      if (logits)  // logits: shift the probabilities into negative and positive values
+        for (auto& x : values) x = std::isnan(x) ? x : x * 100.f - 0.5f;
+      input.upload(values.data());
+      output.fill(0xff);
+      kjit::Kernel k = engine().get(spec_of(filter.op, vocab));
+      if (filter.op == "top_p_renorm_probs") k.launch({input.get(), output.get(), filter.top_p, rows});
+      else k.launch({input.get(), output.get(), filter.top_k, rows});
+      kjit::runtime::check(kjit::runtime::driver().ctx_synchronize(), "kernel");
+      auto got = output.download_as<float>();
+      for (std::int64_t r = 0; r < rows; ++r) {
+        const float* row = &values[static_cast<std::size_t>(r * vocab)];
+        std::vector<bool> in;
+        if (logits) {  // rank logits directly (NaN as -inf); the top-k set is tie-inclusive
+          std::vector<float> v(row, row + vocab);
+          for (auto& x : v) if (std::isnan(x)) x = -INFINITY;
+          std::vector<float> sorted(v);
+          std::sort(sorted.begin(), sorted.end(), std::greater<>());
+          in.resize(v.size());
+          for (std::size_t i = 0; i < v.size(); ++i)
+            in[i] = std::lower_bound(sorted.begin(), sorted.end(), v[i], std::greater<>()) - sorted.begin() < filter.top_k;
+        } else {
+          Filter as_sampling{filter.op == "top_k_renorm_probs" ? "top_k" : "top_p", filter.top_k, filter.top_p};
+          in = filtered_set(row, vocab, as_sampling);
+        }
+        double mass = 0;
+        for (std::int64_t i = 0; i < vocab; ++i)
+          if (in[static_cast<std::size_t>(i)]) mass += clean(row[i]);
+        std::int64_t wrong = 0;
+        for (std::int64_t i = 0; i < vocab; ++i) {
+          const float g = got[static_cast<std::size_t>(r * vocab + i)];
+          const bool keep = in[static_cast<std::size_t>(i)];
+          if (logits) {
+            const float x = std::isnan(row[i]) ? -INFINITY : row[i];  // NaN logits count as -inf
+            wrong += keep ? !(g == x) : !(g == -INFINITY);
+          } else {
+            const double want = keep && mass > 0 ? clean(row[i]) / mass : 0.0;
+            wrong += !(std::fabs(g - want) <= 1e-6 * want + 1e-30);
+          }
+        }
+        INFO(filter.op << " k " << filter.top_k << " p " << filter.top_p << " vocab " << vocab << " row " << r);
+        CHECK(wrong == 0);
+      }
+    }
   }
 }

@@ -20,7 +20,7 @@ __all__ = ["Engine", "Kernel", "Error", "SpecError", "TemplateError", "CompileEr
            "UnavailableError", "ArgumentError", "version", "default_engine",
            "rmsnorm", "fused_add_rmsnorm", "rmsnorm_fp8_quant", "fused_add_rmsnorm_fp8_quant",
            "sampling_from_probs", "top_k_sampling_from_probs", "top_p_sampling_from_probs", "min_p_sampling_from_probs",
-           "top_k_top_p_sampling_from_probs"]
+           "top_k_top_p_sampling_from_probs", "top_k_renorm_probs", "top_p_renorm_probs", "top_k_mask_logits"]
 
 
 class Error(RuntimeError):
@@ -190,4 +190,5 @@ def default_engine():
 
 from .norm import rmsnorm, fused_add_rmsnorm, rmsnorm_fp8_quant, fused_add_rmsnorm_fp8_quant  # noqa: E402
 from .sampling import (sampling_from_probs, top_k_sampling_from_probs, top_p_sampling_from_probs,  # noqa: E402
-                       min_p_sampling_from_probs, top_k_top_p_sampling_from_probs)
+                       min_p_sampling_from_probs, top_k_top_p_sampling_from_probs, top_k_renorm_probs,
+                       top_p_renorm_probs, top_k_mask_logits)

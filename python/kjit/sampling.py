@@ -49,3 +49,39 @@ def min_p_sampling_from_probs(probs, min_p, seed=0, offset=0, engine=None):
 def top_k_top_p_sampling_from_probs(probs, top_k, top_p, seed=0, offset=0, engine=None):
     """Joint filter: tokens inside both the top-k and the top-p set of the original distribution."""
     return _sample("top_k_top_p_sampling_from_probs", probs, {"top_k": top_k, "top_p": top_p}, seed, offset, engine)
+
+
+def _rewrite(op, x, params, engine):
+    import torch
+    if x.dim() != 2:
+        raise ValueError(f"{op}: input must be 2-D [batch, vocab], got shape {tuple(x.shape)}")
+    per_row = any(isinstance(v, torch.Tensor) for v in params.values())
+    spec = {"op": op, "vocab_size": int(x.shape[1]), "dtype": str(x.dtype).replace("torch.", "")}
+    if per_row:
+        spec["per_row_params"] = True
+    args = []
+    for name, value in params.items():
+        if per_row:
+            dtype = torch.int32 if name == "top_k" else torch.float32
+            value = value if isinstance(value, torch.Tensor) else torch.full((x.shape[0],), value, device=x.device)
+            args.append(value.to(device=x.device, dtype=dtype).contiguous())
+        else:
+            args.append(value)
+    out = torch.empty_like(x)
+    (engine or default_engine()).get(spec)(x, out, *args, x.shape[0])
+    return out
+
+
+def top_k_renorm_probs(probs, top_k, engine=None):
+    """Probabilities outside the top-k set zeroed, the rest renormalized (tie-inclusive set)."""
+    return _rewrite("top_k_renorm_probs", probs, {"top_k": top_k}, engine)
+
+
+def top_p_renorm_probs(probs, top_p, engine=None):
+    """Probabilities outside the top-p set zeroed, the rest renormalized."""
+    return _rewrite("top_p_renorm_probs", probs, {"top_p": top_p}, engine)
+
+
+def top_k_mask_logits(logits, top_k, engine=None):
+    """Logits outside the top-k set replaced by -inf."""
+    return _rewrite("top_k_mask_logits", logits, {"top_k": top_k}, engine)

@@ -97,6 +97,20 @@ class TorchTest(unittest.TestCase):
         j = kjit.top_k_top_p_sampling_from_probs(probs.half(), 10, torch.full((64,), 0.8, device="cuda"), seed=2)
         self.assertTrue(bool(((j >= 0) & (j < 32000)).all()))
 
+    def test_renorm_and_mask(self):
+        probs = torch.softmax(torch.randn(8, 5000, device="cuda") * 3, -1)
+        r = kjit.top_k_renorm_probs(probs, 10)
+        kth = probs.topk(10, -1).values[:, -1:]
+        expected = torch.where(probs >= kth, probs, 0)
+        expected = expected / expected.sum(-1, keepdim=True)
+        self.assertTrue(torch.allclose(r, expected, rtol=1e-5, atol=1e-9))
+        logits = torch.randn(8, 5000, device="cuda")
+        m = kjit.top_k_mask_logits(logits, 7)
+        kth = logits.topk(7, -1).values[:, -1:]
+        self.assertTrue(torch.equal(m, torch.where(logits >= kth, logits, float("-inf"))))
+        p = kjit.top_p_renorm_probs(probs, torch.full((8,), 0.5, device="cuda"))
+        self.assertTrue(torch.allclose(p.sum(-1), torch.ones(8, device="cuda"), atol=1e-5))
+
     def test_errors_carry_kjit_messages(self):
         k = kjit.Engine().get({"op": "rmsnorm", "hidden_size": 512, "dtype": "float16"})
         x = torch.randn(4, 512, dtype=torch.float16, device="cuda")

@@ -3,12 +3,14 @@
 //   {"op": "top_p_sampling_from_probs", "vocab_size": 128256, "dtype": "float32"}
 //   ops: sampling_from_probs, top_k_sampling_from_probs, top_p_sampling_from_probs,
 //        min_p_sampling_from_probs, top_k_top_p_sampling_from_probs (joint: both filters
-//        on the original distribution)
+//        on the original distribution); top_k_renorm_probs, top_p_renorm_probs and
+//        top_k_mask_logits rewrite the row (templates/kjit/renorm.cuh)
 //   fields: vocab_size (1..16777216), dtype (float32 | float16 | bfloat16),
 //           per_row_params (false: top_k / top_p / min_p are scalars; true: one per row)
 //
 // Arguments: probs [batch_size, vocab], samples int32 [batch_size] (written), the
-// filter's parameters, batch_size, seed, offset. The same (seed, offset) gives the
+// filter's parameters, batch_size, seed, offset; the rewriting ops take input, output
+// (same shape and dtype), the parameter, batch_size. The same (seed, offset) gives the
 // same samples. Scalars are checked on the host (top_k in 1..vocab, top_p in (0, 1],
 // min_p in [0, 1]); per-row values are clamped into those ranges on the GPU (NaN top_p
 // acts as the smallest p: the most likely token(s)).
@@ -24,8 +26,9 @@ constexpr DType kDTypes[] = {DType::float32, DType::float16, DType::bfloat16};
 
 struct Variant {
   std::string_view op;
-  std::string_view filter;
+  std::string_view filter;  // sampling: the Filter; renorm: the Mode
   bool top_k, top_p, min_p;
+  bool renorm = false;      // rewrites the row instead of drawing a token
 };
 constexpr Variant kVariants[] = {
     {"sampling_from_probs", "none", false, false, false},
@@ -33,6 +36,9 @@ constexpr Variant kVariants[] = {
     {"top_p_sampling_from_probs", "top_p", false, true, false},
     {"min_p_sampling_from_probs", "min_p", false, false, true},
     {"top_k_top_p_sampling_from_probs", "top_k_top_p", true, true, false},
+    {"top_k_renorm_probs", "top_k_probs", true, false, false, true},
+    {"top_p_renorm_probs", "top_p_probs", false, true, false, true},
+    {"top_k_mask_logits", "top_k_logits", true, false, false, true},
 };
 
 std::string_view c_type(DType d) {
@@ -68,13 +74,19 @@ class SamplingFamily final : public Family {
     plan.op = std::string(variant->op);
     plan.spec = {{"op", plan.op}, {"vocab_size", vocab}, {"dtype", dtype_name(dtype)}};
     if (per_row) plan.spec["per_row_params"] = true;
-    plan.template_name = "sampling.cu.j2";
+    plan.template_name = variant->renorm ? "renorm.cu.j2" : "sampling.cu.j2";
     plan.entry = fmt::format("kjit_{}", variant->op);
 
     const std::string v = std::to_string(vocab);
     auto& p = plan.params;
-    p.push_back(tensor_param("probs", dtype, {"batch_size", v}));
-    p.push_back(tensor_param("samples", DType::int32, {"batch_size"}, Param::Access::write));
+    if (variant->renorm) {
+      const bool logits = variant->filter == "top_k_logits";
+      p.push_back(tensor_param(logits ? "logits" : "probs", dtype, {"batch_size", v}));
+      p.push_back(tensor_param("output", dtype, {"batch_size", v}, Param::Access::write));
+    } else {
+      p.push_back(tensor_param("probs", dtype, {"batch_size", v}));
+      p.push_back(tensor_param("samples", DType::int32, {"batch_size"}, Param::Access::write));
+    }
     nlohmann::json entry_params = nlohmann::json::array();
     std::string top_k = "0", top_p = "1.f", min_p = "0.f";
     const std::string row = "[blockIdx.x]";
@@ -112,9 +124,11 @@ class SamplingFamily final : public Family {
       }
     }
     p.push_back(integer_param("batch_size"));
-    // Any 64-bit pattern: the kernel reads them as unsigned.
-    p.push_back(integer_param("seed", -std::numeric_limits<double>::infinity()));
-    p.push_back(integer_param("offset", -std::numeric_limits<double>::infinity()));
+    if (!variant->renorm) {
+      // Any 64-bit pattern: the kernel reads them as unsigned.
+      p.push_back(integer_param("seed", -std::numeric_limits<double>::infinity()));
+      p.push_back(integer_param("offset", -std::numeric_limits<double>::infinity()));
+    }
 
     plan.template_params = {{"op", plan.op},
                             {"vocab_size", vocab},
@@ -123,6 +137,7 @@ class SamplingFamily final : public Family {
                             {"vec", vec},
                             {"threads", threads},
                             {"filter", variant->filter},
+                            {"mode", variant->filter},
                             {"per_row", per_row},
                             {"params", entry_params},
                             {"top_k_expr", top_k},
