@@ -96,6 +96,9 @@ TEST_CASE("every sampling variant compiles for sm_90a", "[compile][sampling]") {
     for (const char* dtype : {"float32", "bfloat16"})
       specs.push_back(fmt::format(R"({{"op": "{}", "vocab_size": 151936, "dtype": "{}", "per_row_params": true}})", op, dtype));
   }
+  for (const char* dtype : {"float32", "float16", "bfloat16"})
+    for (int vocab : {128256, 17})
+      specs.push_back(fmt::format(R"({{"op": "chain_speculative_sampling", "vocab_size": {}, "dtype": "{}"}})", vocab, dtype));
   auto [built, failures] = build_all(specs);
   for (const auto& a : built)
     if (a.info.spill_bytes != 0) failures.push_back(fmt::format("{}: spills {} bytes", a.info.spec, a.info.spill_bytes));

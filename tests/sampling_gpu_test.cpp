@@ -423,3 +423,84 @@ TEST_CASE("top-k / top-p renormalization and top-k logit masking match float64 s
     }
   }
 }
+
+TEST_CASE("chain speculative sampling emits tokens distributed as the target", "[gpu][sampling][speculative]") {
+  const std::int64_t vocab = 16, n = 3, batch = 1 << 18;
+  std::random_device device;
+  const std::uint64_t seed = device();
+  INFO("seed " << seed);
+  std::mt19937_64 rng(seed);
+  auto random_distribution = [&] {
+    std::vector<double> d(static_cast<std::size_t>(vocab));
+    std::uniform_real_distribution<double> u(0.0, 1.0);
+    double s = 0;
+    for (auto& x : d) s += (x = u(rng) * u(rng));
+    for (auto& x : d) x /= s;
+    return d;
+  };
+  std::vector<std::vector<double>> q(n), p(n + 1);
+  for (auto& d : q) d = random_distribution();
+  for (auto& d : p) d = random_distribution();
+  std::vector<float> draft_probs, target_probs;
+  std::vector<int> draft_tokens;
+  draft_probs.reserve(static_cast<std::size_t>(batch * n * vocab));
+  target_probs.reserve(static_cast<std::size_t>(batch * (n + 1) * vocab));
+  std::vector<std::discrete_distribution<int>> drafters;
+  for (const auto& d : q) drafters.emplace_back(d.begin(), d.end());
+  for (std::int64_t b = 0; b < batch; ++b) {
+    for (std::int64_t i = 0; i < n; ++i) {
+      for (double x : q[static_cast<std::size_t>(i)]) draft_probs.push_back(static_cast<float>(x));
+      draft_tokens.push_back(drafters[static_cast<std::size_t>(i)](rng));
+    }
+    for (std::int64_t i = 0; i <= n; ++i)
+      for (double x : p[static_cast<std::size_t>(i)]) target_probs.push_back(static_cast<float>(x));
+  }
+  DeviceMemory d_probs(draft_probs.size() * 4), d_tokens(draft_tokens.size() * 4), t_probs(target_probs.size() * 4),
+      out(static_cast<std::size_t>(batch * (n + 1)) * 4), accepted(static_cast<std::size_t>(batch) * 4);
+  d_probs.upload(draft_probs.data());
+  d_tokens.upload(draft_tokens.data());
+  t_probs.upload(target_probs.data());
+  out.fill(0x7f);
+  accepted.fill(0x7f);
+  kjit::Kernel k = engine().get(R"({"op": "chain_speculative_sampling", "vocab_size": 16, "dtype": "float32"})");
+  k.launch({d_probs.get(), d_tokens.get(), t_probs.get(), out.get(), accepted.get(), batch, n,
+            static_cast<std::int64_t>(seed), std::int64_t{0}});
+  kjit::runtime::check(kjit::runtime::driver().ctx_synchronize(), "kernel");
+  auto tokens = out.download_as<int>();
+  auto acc = accepted.download_as<int>();
+
+  std::vector<std::vector<std::int64_t>> counts(n + 1, std::vector<std::int64_t>(static_cast<std::size_t>(vocab), 0));
+  std::vector<std::int64_t> reached(n + 1, 0);
+  std::vector<std::int64_t> draft_only(static_cast<std::size_t>(vocab), 0);  // a sampler that never rejects
+  for (std::int64_t b = 0; b < batch; ++b) {
+    const int a = acc[static_cast<std::size_t>(b)];
+    REQUIRE(a >= 0);
+    REQUIRE(a <= n);
+    for (std::int64_t j = 0; j <= n; ++j) {
+      const int t = tokens[static_cast<std::size_t>(b * (n + 1) + j)];
+      if (j <= a) {
+        REQUIRE(t >= 0);
+        REQUIRE(t < vocab);
+        if (j < a) REQUIRE(t == draft_tokens[static_cast<std::size_t>(b * n + j)]);  // accepted drafts are kept
+        ++counts[static_cast<std::size_t>(j)][static_cast<std::size_t>(t)];
+        ++reached[static_cast<std::size_t>(j)];
+      } else {
+        REQUIRE(t == -1);
+      }
+    }
+    ++draft_only[static_cast<std::size_t>(draft_tokens[static_cast<std::size_t>(b * n)])];
+  }
+  for (std::int64_t j = 0; j <= n; ++j) {
+    if (reached[static_cast<std::size_t>(j)] < 10000) continue;  // too few to test
+    const double pv = chi_square_p(counts[static_cast<std::size_t>(j)], p[static_cast<std::size_t>(j)], reached[static_cast<std::size_t>(j)]);
+    INFO("position " << j << " reached " << reached[static_cast<std::size_t>(j)] << " p-value " << pv);
+    CHECK(pv > 1e-6);
+  }
+  // Acceptance at position 0 happens with probability sum_v min(p0, q0).
+  double accept0 = 0;
+  for (std::int64_t v = 0; v < vocab; ++v) accept0 += std::min(p[0][static_cast<std::size_t>(v)], q[0][static_cast<std::size_t>(v)]);
+  const double observed = static_cast<double>(reached[1]) / static_cast<double>(batch);
+  CHECK(std::fabs(observed - accept0) < 6 * std::sqrt(accept0 * (1 - accept0) / static_cast<double>(batch)));
+  // The test has power: the draft tokens themselves are not target-distributed.
+  CHECK(chi_square_p(draft_only, p[0], batch) < 1e-6);
+}

@@ -51,10 +51,45 @@ class SamplingFamily final : public Family {
   std::vector<std::string_view> ops() const override {
     std::vector<std::string_view> out;
     for (const auto& v : kVariants) out.push_back(v.op);
+    out.push_back("chain_speculative_sampling");
     return out;
   }
 
+  // draft_probs [batch, n, vocab], draft_token_ids int32 [batch, n], target_probs
+  // [batch, n + 1, vocab] -> output_token_ids int32 [batch, n + 1] (-1 after the last
+  // emitted token), accepted_num int32 [batch]; n = num_draft_tokens at run time.
+  KernelPlan plan_speculative(const spec::Spec& s) const {
+    spec::FieldReader fields(s);
+    const std::int64_t vocab = fields.integer("vocab_size", 1, kMaxVocab);
+    const DType dtype = fields.dtype("dtype", kDTypes);
+    fields.finish();
+    KernelPlan plan;
+    plan.op = s.op;
+    plan.spec = {{"op", plan.op}, {"vocab_size", vocab}, {"dtype", dtype_name(dtype)}};
+    plan.template_name = "speculative.cu.j2";
+    plan.entry = "kjit_chain_speculative_sampling";
+    const std::string v = std::to_string(vocab);
+    auto& p = plan.params;
+    p.push_back(tensor_param("draft_probs", dtype, {"batch_size", "num_draft_tokens", v}));
+    p.push_back(tensor_param("draft_token_ids", DType::int32, {"batch_size", "num_draft_tokens"}));
+    p.push_back(tensor_param("target_probs", dtype, {"batch_size", "num_draft_tokens_plus_one", v}));  // n + 1: unchecked
+    p.push_back(tensor_param("output_token_ids", DType::int32, {"batch_size", "num_draft_tokens_plus_one"}, Param::Access::write));
+    p.push_back(tensor_param("accepted_num", DType::int32, {"batch_size"}, Param::Access::write));
+    p.push_back(integer_param("batch_size"));
+    p.push_back(integer_param("num_draft_tokens", 0, 1 << 20));
+    p.push_back(integer_param("seed", -std::numeric_limits<double>::infinity()));
+    p.push_back(integer_param("offset", -std::numeric_limits<double>::infinity()));
+    int vec = 16 / static_cast<int>(dtype_size(dtype));
+    while (vocab % vec != 0) vec /= 2;
+    plan.template_params = {{"vocab_size", vocab}, {"dtype", dtype_name(dtype)}, {"ctype", c_type(dtype)},
+                            {"vec", vec}, {"threads", 512}};
+    plan.launch.block[0] = 512;
+    plan.launch.grid[0] = GridDim{param_index(p, "batch_size"), 1};
+    return plan;
+  }
+
   KernelPlan plan(const spec::Spec& s) const override {
+    if (s.op == "chain_speculative_sampling") return plan_speculative(s);
     const Variant* variant = nullptr;
     for (const auto& v : kVariants)
       if (v.op == s.op) variant = &v;
