@@ -87,7 +87,8 @@ TEST_CASE("every sampling variant compiles for sm_90a", "[compile][sampling]") {
   std::vector<std::string> specs;
   const char* ops[] = {"sampling_from_probs", "top_k_sampling_from_probs", "top_p_sampling_from_probs",
                        "min_p_sampling_from_probs", "top_k_top_p_sampling_from_probs", "top_k_renorm_probs",
-                       "top_p_renorm_probs", "top_k_mask_logits"};
+                       "top_p_renorm_probs", "top_k_mask_logits", "sampling_from_logits", "top_k_sampling_from_logits",
+                       "top_p_sampling_from_logits", "min_p_sampling_from_logits", "top_k_top_p_sampling_from_logits"};
   for (const char* op : ops) {
     for (int vocab : {32000, 128256, 129280, 151936, 152064, 1000, 17})
       specs.push_back(fmt::format(R"({{"op": "{}", "vocab_size": {}, "dtype": "float32"}})", op, vocab));

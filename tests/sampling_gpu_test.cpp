@@ -28,6 +28,7 @@ struct Filter {
   std::int64_t top_k = 0;
   float top_p = 1.f;
   float min_p = 0.f;
+  float temperature = 1.f;  // *_from_logits only
 };
 
 double clean(float p) { return p > 0.f ? static_cast<double>(p) : 0.0; }
@@ -77,6 +78,7 @@ std::vector<int> sample(const std::string& spec, const Filter& f, const DeviceMe
   if (f.op.find("top_k") != std::string::npos) args.emplace_back(f.top_k);
   if (f.op.find("top_p") != std::string::npos) args.emplace_back(f.top_p);
   if (f.op.find("min_p") != std::string::npos) args.emplace_back(f.min_p);
+  if (f.op.find("logits") != std::string::npos) args.emplace_back(f.temperature);
   args.emplace_back(rows);
   args.emplace_back(static_cast<std::int64_t>(seed));
   args.emplace_back(static_cast<std::int64_t>(offset));
@@ -503,4 +505,77 @@ TEST_CASE("chain speculative sampling emits tokens distributed as the target", "
   CHECK(std::fabs(observed - accept0) < 6 * std::sqrt(accept0 * (1 - accept0) / static_cast<double>(batch)));
   // The test has power: the draft tokens themselves are not target-distributed.
   CHECK(chi_square_p(draft_only, p[0], batch) < 1e-6);
+}
+
+TEST_CASE("sampling from logits: softmax with temperature, fused", "[gpu][sampling][logits]") {
+  std::random_device device;
+  const std::uint64_t seed = device();
+  INFO("seed " << seed);
+  std::mt19937_64 rng(seed);
+  const float temperature = 0.7f;
+  // Logits whose softmax at this temperature is the row: l = T log p (zeros -> -inf, NaN stays NaN).
+  auto to_logits = [&](const std::vector<float>& p) {
+    std::vector<float> l(p.size());
+    for (std::size_t i = 0; i < p.size(); ++i) l[i] = std::isnan(p[i]) ? p[i] : temperature * std::log(static_cast<double>(p[i]));
+    return l;
+  };
+  // The weights the set is defined on, as the kernel computes them up to rounding.
+  auto weights = [&](const float* l, std::int64_t vocab) {
+    double m = -INFINITY;
+    for (std::int64_t i = 0; i < vocab; ++i) if (!std::isnan(l[i])) m = std::max(m, static_cast<double>(l[i]));
+    std::vector<float> w(static_cast<std::size_t>(vocab));
+    for (std::int64_t i = 0; i < vocab; ++i)
+      w[static_cast<std::size_t>(i)] = std::isnan(l[i]) ? 0.f : static_cast<float>(std::exp((l[i] - m) / temperature));
+    return w;
+  };
+  for (std::int64_t vocab : {128256, 1000, 17}) {
+    const std::int64_t rows = 12;
+    std::vector<float> host;
+    for (std::int64_t r = 0; r < rows; ++r) {
+      const int kinds[] = {0, 1, 3};
+      auto row = to_logits(make_row(rng, vocab, kinds[r % 3]));
+      host.insert(host.end(), row.begin(), row.end());
+    }
+    DeviceMemory logits(host.size() * 4);
+    logits.upload(host.data());
+    for (Filter f : {Filter{"sampling_from_logits"}, Filter{"top_k_sampling_from_logits", 20}, Filter{"top_p_sampling_from_logits", 0, 0.9f},
+                     Filter{"min_p_sampling_from_logits", 0, 1.f, 0.1f}, Filter{"top_k_top_p_sampling_from_logits", 50, 0.8f}}) {
+      f.temperature = temperature;
+      f.top_k = std::min<std::int64_t>(std::max<std::int64_t>(f.top_k, 1), vocab);
+      for (std::uint64_t offset = 0; offset < 4; ++offset) {
+        auto tokens = sample(spec_of(f.op, vocab), f, logits, rows, seed, offset);
+        for (std::int64_t r = 0; r < rows; ++r) {
+          auto w = weights(&host[static_cast<std::size_t>(r * vocab)], vocab);
+          auto in = filtered_set(w.data(), vocab, f);
+          const int t = tokens[static_cast<std::size_t>(r)];
+          INFO(f.op << " vocab " << vocab << " row " << r << " token " << t);
+          REQUIRE(t >= 0);
+          REQUIRE(t < vocab);
+          REQUIRE(in[static_cast<std::size_t>(t)]);
+        }
+      }
+    }
+  }
+  // Frequencies on a small vocabulary follow the softmax.
+  const std::int64_t vocab = 50, rows = 65536, launches = 16;
+  auto p = make_row(rng, vocab, 0);
+  auto row = to_logits(p);
+  std::vector<float> host;
+  for (std::int64_t r = 0; r < rows; ++r) host.insert(host.end(), row.begin(), row.end());
+  DeviceMemory logits(host.size() * 4);
+  logits.upload(host.data());
+  Filter f{"top_p_sampling_from_logits", 0, 0.8f};
+  f.temperature = temperature;
+  auto w = weights(row.data(), vocab);
+  auto in = filtered_set(w.data(), vocab, f);
+  std::vector<double> target(static_cast<std::size_t>(vocab), 0.0);
+  double mass = 0;
+  for (std::int64_t i = 0; i < vocab; ++i) if (in[static_cast<std::size_t>(i)]) mass += w[static_cast<std::size_t>(i)];
+  for (std::int64_t i = 0; i < vocab; ++i) if (in[static_cast<std::size_t>(i)]) target[static_cast<std::size_t>(i)] = w[static_cast<std::size_t>(i)] / mass;
+  std::vector<std::int64_t> counts(static_cast<std::size_t>(vocab), 0);
+  for (std::int64_t l = 0; l < launches; ++l)
+    for (int t : sample(spec_of(f.op, vocab), f, logits, rows, seed, static_cast<std::uint64_t>(l))) ++counts[static_cast<std::size_t>(t)];
+  const double pv = chi_square_p(counts, target, rows * launches);
+  INFO("chi-square p-value " << pv);
+  CHECK(pv > 1e-6);
 }

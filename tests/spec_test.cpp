@@ -77,7 +77,9 @@ TEST_CASE("spec refusals name the field, the value and what is allowed", "[spec]
   CHECK(refusal(R"({"op": "rmsnorm_typo", "hidden_size": 4096, "dtype": "bfloat16"})") ==
         "unknown op \"rmsnorm_typo\"; known ops: rmsnorm, fused_add_rmsnorm, rmsnorm_fp8_quant, fused_add_rmsnorm_fp8_quant, "
         "sampling_from_probs, top_k_sampling_from_probs, top_p_sampling_from_probs, min_p_sampling_from_probs, "
-        "top_k_top_p_sampling_from_probs, top_k_renorm_probs, top_p_renorm_probs, top_k_mask_logits, "
+        "top_k_top_p_sampling_from_probs, sampling_from_logits, top_k_sampling_from_logits, top_p_sampling_from_logits, "
+        "min_p_sampling_from_logits, top_k_top_p_sampling_from_logits, top_k_renorm_probs, top_p_renorm_probs, "
+        "top_k_mask_logits, "
         "chain_speculative_sampling");
   CHECK(refusal(R"({"op": "rmsnorm", "dtype": "bfloat16"})") == "spec for op \"rmsnorm\": field \"hidden_size\" is missing");
   CHECK(refusal(R"({"op": "rmsnorm", "hidden_size": 4096, "dtype": "bfloat16", "eps": 1e-6})") ==

@@ -3,7 +3,8 @@
 //   {"op": "top_p_sampling_from_probs", "vocab_size": 128256, "dtype": "float32"}
 //   ops: sampling_from_probs, top_k_sampling_from_probs, top_p_sampling_from_probs,
 //        min_p_sampling_from_probs, top_k_top_p_sampling_from_probs (joint: both filters
-//        on the original distribution); top_k_renorm_probs, top_p_renorm_probs and
+//        on the original distribution); the same *_from_logits (softmax fused, a
+//        temperature argument after the filter's); top_k_renorm_probs, top_p_renorm_probs and
 //        top_k_mask_logits rewrite the row (templates/kjit/renorm.cuh)
 //   fields: vocab_size (1..16777216), dtype (float32 | float16 | bfloat16),
 //           per_row_params (false: top_k / top_p / min_p are scalars; true: one per row)
@@ -36,6 +37,11 @@ constexpr Variant kVariants[] = {
     {"top_p_sampling_from_probs", "top_p", false, true, false},
     {"min_p_sampling_from_probs", "min_p", false, false, true},
     {"top_k_top_p_sampling_from_probs", "top_k_top_p", true, true, false},
+    {"sampling_from_logits", "none", false, false, false},
+    {"top_k_sampling_from_logits", "top_k", true, false, false},
+    {"top_p_sampling_from_logits", "top_p", false, true, false},
+    {"min_p_sampling_from_logits", "min_p", false, false, true},
+    {"top_k_top_p_sampling_from_logits", "top_k_top_p", true, true, false},
     {"top_k_renorm_probs", "top_k_probs", true, false, false, true},
     {"top_p_renorm_probs", "top_p_probs", false, true, false, true},
     {"top_k_mask_logits", "top_k_logits", true, false, false, true},
@@ -113,13 +119,14 @@ class SamplingFamily final : public Family {
     plan.entry = fmt::format("kjit_{}", variant->op);
 
     const std::string v = std::to_string(vocab);
+    const bool logits = variant->op.ends_with("_from_logits");
     auto& p = plan.params;
     if (variant->renorm) {
       const bool logits = variant->filter == "top_k_logits";
       p.push_back(tensor_param(logits ? "logits" : "probs", dtype, {"batch_size", v}));
       p.push_back(tensor_param("output", dtype, {"batch_size", v}, Param::Access::write));
     } else {
-      p.push_back(tensor_param("probs", dtype, {"batch_size", v}));
+      p.push_back(tensor_param(logits ? "logits" : "probs", dtype, {"batch_size", v}));
       p.push_back(tensor_param("samples", DType::int32, {"batch_size"}, Param::Access::write));
     }
     nlohmann::json entry_params = nlohmann::json::array();
@@ -158,6 +165,7 @@ class SamplingFamily final : public Family {
         min_p = "min_p";
       }
     }
+    if (logits) p.push_back(real_param("temperature", 0.0, std::numeric_limits<double>::infinity(), /*min_exclusive=*/true));
     p.push_back(integer_param("batch_size"));
     if (!variant->renorm) {
       // Any 64-bit pattern: the kernel reads them as unsigned.
@@ -173,6 +181,7 @@ class SamplingFamily final : public Family {
                             {"threads", threads},
                             {"filter", variant->filter},
                             {"mode", variant->filter},
+                            {"logits", logits},
                             {"per_row", per_row},
                             {"params", entry_params},
                             {"top_k_expr", top_k},

@@ -37,6 +37,7 @@ struct RowParams {
   long long top_k;
   float top_p;
   float min_p;
+  float inv_temperature;  // logits only: weights are exp((x - max) / temperature)
 };
 
 // Pivot values and the count / mass above each; nothing at all without pivots.
@@ -49,7 +50,7 @@ struct Pivots {
 template <>
 struct Pivots<0> {};
 
-template <typename T, int kVocab, int kVec, int kThreads, Filter kFilter>
+template <typename T, int kVocab, int kVec, int kThreads, Filter kFilter, bool kLogits = false>
 struct Sampler {
   static constexpr int kWarps = kThreads / 32;
   static constexpr int kMaxRounds = 64;
@@ -85,6 +86,14 @@ struct Sampler {
   };
 
   static __device__ __forceinline__ float clean(float p) { return p > 0.f ? p : 0.f; }  // NaN, negatives -> 0
+
+  // The unnormalized probability of an entry: itself, or for logits the softmax
+  // weight exp((x - max) / T) in (0, 1] (NaN logits weigh 0). The filters only
+  // compare weights and ratios of sums, so normalization is never needed.
+  static __device__ __forceinline__ float weight(float x, float max_logit, float scale_log2) {
+    if constexpr (kLogits) return x == x ? exp2f((x - max_logit) * scale_log2) : 0.f;
+    else return clean(x);
+  }
 
   static __device__ __forceinline__ Partial combine(Partial a, const Partial& b) {
 #pragma unroll
@@ -156,6 +165,28 @@ struct Sampler {
       for (int j = 0; j < kPivots; ++j) pivots.value[j] = __int_as_float((127 - 2 * (kPivots - j)) << 23);  // 2^-16 .. 1/4
     }
 
+    // Logits: one pass for the row maximum first, so every weight is exp of a value <= 0.
+    float max_logit = 0.f;
+    const float scale_log2 = params.inv_temperature * 1.4426950408889634f;  // log2(e) / T
+    if constexpr (kLogits) {
+      float m = -__int_as_float(0x7f800000);
+      for (int v = threadIdx.x; v < kVecsPerRow; v += kThreads) {
+        Vec<T, kVec> x;
+        x.load(p_row + v * kVec);
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) m = fmaxf(m, to_float(x[j]));  // fmaxf skips NaN
+      }
+#pragma unroll
+      for (int o = 16; o > 0; o /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+      if (lane == 0) shared.warp_partials[warp].max = m;
+      __syncthreads();
+      m = shared.warp_partials[0].max;
+      for (int w = 1; w < kWarps; ++w) m = fmaxf(m, shared.warp_partials[w].max);
+      __syncthreads();
+      max_logit = m;
+      if (!(max_logit > -__int_as_float(0x7f800000))) max_logit = 0.f;  // all -inf / NaN: every weight is 0
+    }
+
     for (int round = 0; round <= kMaxRounds && result < 0; ++round) {
       Partial part;
 #pragma unroll
@@ -191,7 +222,7 @@ struct Sampler {
           const Vec<T, kVec>& x = xs[u];
 #pragma unroll
           for (int j = 0; j < kVec; ++j) {
-            const float p = clean(to_float(x[j]));
+            const float p = weight(to_float(x[j]), max_logit, scale_log2);
             if (round == 0) {
               part.total += p;
               if (p > part.max) { part.max = p; part.argmax = v * kVec + j; }
@@ -298,7 +329,7 @@ struct Sampler {
 #pragma unroll
           for (int j = 0; j < kVec; ++j) {
             const int i = v * kVec + j;
-            const float p = clean(to_float(x[j]));
+            const float p = weight(to_float(x[j]), max_logit, scale_log2);
             if (p > drawn_lo && p >= drawn_floor && p > 0.f) {
               if (i / 4 != group) {
                 group = i / 4;
@@ -322,7 +353,7 @@ struct Sampler {
 #pragma unroll
       for (int d = 0; d < kDraws; ++d) {
         candidate[d] = shared.candidate[d];
-        candidate_p[d] = candidate[d] == kNone ? 0.f : clean(to_float(p_row[candidate[d]]));
+        candidate_p[d] = candidate[d] == kNone ? 0.f : weight(to_float(p_row[candidate[d]]), max_logit, scale_log2);
         if (candidate[d] == kNone) candidate[d] = -1;  // cannot happen: the chunk had mass
       }
       __syncthreads();  // shared.candidate is rewritten next round
