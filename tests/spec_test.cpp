@@ -113,7 +113,7 @@ TEST_CASE("FlashInfer-Bench definitions import", "[spec][definition]") {
   auto f = plan(read(dir + "fused_add_rmsnorm_h2048.json"));
   CHECK(f.spec.dump() == R"({"dtype":"bfloat16","hidden_size":2048,"op":"fused_add_rmsnorm"})");
   int count = 0;
-  for (const auto& e : std::filesystem::directory_iterator(dir)) {
+  for (const auto& e : std::filesystem::directory_iterator(dir)) {  // rmsnorm/
     INFO(e.path());
     CHECK_NOTHROW(plan(read(e.path())));
     ++count;
@@ -132,7 +132,14 @@ TEST_CASE("FlashInfer-Bench definitions import", "[spec][definition]") {
   j["axes"].erase("hidden_size");
   CHECK(refusal(j.dump()) == "definition \"rmsnorm_h128\": has no axis \"hidden_size\"");
   std::string gqa = read(kSource + "/../shared/definitions/gqa_paged/gqa_paged_decode_h32_kv8_d128_ps1.json");
-  if (!gqa.empty()) CHECK_THAT(refusal(gqa), Contains("definition op type \"gqa\" is not supported; supported op types: rmsnorm"));
+  if (!gqa.empty()) CHECK_THAT(refusal(gqa), Contains("definition op type \"gqa\" is not supported; supported op types: rmsnorm, sampling"));
+
+  // Sampling definitions: per-row parameters, vocabulary from the const axis.
+  const std::string sampling = kSource + "/tests/data/definitions/sampling/";
+  CHECK(plan(read(sampling + "top_k_top_p_sampling_from_probs_v129280.json")).spec.dump() ==
+        R"({"dtype":"float32","op":"top_k_top_p_sampling_from_probs","per_row_params":true,"vocab_size":129280})");
+  CHECK(plan(read(sampling + "top_p_sampling_from_probs_v151936.json")).spec["op"] == "top_p_sampling_from_probs");
+  CHECK(plan(read(sampling + "top_k_sampling_from_probs_v128256.json")).params[2].dtype == kjit::DType::int32);
 }
 
 TEST_CASE("model configs expand grids and keep specs unique", "[spec][config]") {

@@ -275,7 +275,8 @@ def write_report(rows, unsupported, out_path, plot_path, device_name, command, o
     passed = sum(r["ok"] for r in rows)
     lines += ["", f"{passed} of {len(rows)} runs pass over {len({r['definition'] for r in rows})} definitions.", ""]
     if unsupported:
-        lines += ["## Not supported yet", "", "| definition | op type | file |", "| --- | --- | --- |"]
+        lines += ["## Not run (kjit or the runner does not cover this op type yet)", "",
+                  "| definition | op type | file |", "| --- | --- | --- |"]
         lines += [f"| {d.get('name', '?')} | {op_type(d)} | {p} |" for p, d in unsupported]
         lines.append("")
     if plot_path:

@@ -60,6 +60,21 @@ class SamplingFamily final : public Family {
     out.push_back("chain_speculative_sampling");
     return out;
   }
+  std::vector<std::string_view> definition_op_types() const override { return {"sampling"}; }
+
+  // FlashInfer-Bench "sampling" definitions: probs [batch, vocab] with per-row top_k
+  // and/or top_p inputs. (Their samples are int64; kjit writes int32 token ids.)
+  nlohmann::json spec_from_definition(const spec::Definition& d) const override {
+    if (!d.input("probs"))
+      throw SpecError(fmt::format("definition \"{}\": a sampling definition needs a \"probs\" input", d.name));
+    const bool k = d.input("top_k") != nullptr, p = d.input("top_p") != nullptr;
+    const char* op = k && p ? "top_k_top_p_sampling_from_probs" : k ? "top_k_sampling_from_probs"
+                     : p    ? "top_p_sampling_from_probs"        : "sampling_from_probs";
+    nlohmann::json spec = {{"op", op}, {"vocab_size", d.const_axis("vocab_size")},
+                           {"dtype", dtype_name(d.tensor_dtype("probs"))}};
+    if (k || p) spec["per_row_params"] = true;
+    return spec;
+  }
 
   // draft_probs [batch, n, vocab], draft_token_ids int32 [batch, n], target_probs
   // [batch, n + 1, vocab] -> output_token_ids int32 [batch, n + 1] (-1 after the last
