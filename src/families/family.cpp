@@ -32,6 +32,25 @@ int param_index(const std::vector<Param>& params, std::string_view name) {
   return -1;
 }
 
+std::string_view cuda_type(DType d) {
+  switch (d) {
+    case DType::float16: return "__half";
+    case DType::bfloat16: return "__nv_bfloat16";
+    case DType::float32: return "float";
+    case DType::float64: return "double";
+    case DType::int32: return "int";
+    case DType::int64: return "long long";
+    case DType::int8: return "signed char";
+    default: return "unsigned char";  // uint8 and the fp8 formats travel as bytes
+  }
+}
+
+int widest_vector(DType dtype, std::int64_t count) {
+  int vec = 16 / static_cast<int>(dtype_size(dtype));
+  while (vec > 1 && count % vec != 0) vec /= 2;
+  return vec;
+}
+
 const Family& find_family(const spec::Spec& spec) {
   std::vector<std::string_view> known;
   for (const Family* f : all_families()) {

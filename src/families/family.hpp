@@ -61,6 +61,10 @@ Param real_param(std::string name, double min = -std::numeric_limits<double>::in
                  double max = std::numeric_limits<double>::infinity(), bool min_exclusive = false);
 int param_index(const std::vector<Param>& params, std::string_view name);
 
+// Helpers for template parameters.
+std::string_view cuda_type(DType dtype);           // "float", "__half", "__nv_bfloat16", ...
+int widest_vector(DType dtype, std::int64_t count);  // elements per access: <= 16 bytes, divides count
+
 // The family for an op (kjit op or definition op type); SpecError lists the known ones.
 const Family& find_family(const spec::Spec& spec);
 std::vector<const Family*> all_families();

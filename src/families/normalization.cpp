@@ -32,8 +32,6 @@ constexpr Variant kVariants[] = {
     {"fused_add_rmsnorm_fp8_quant", true, true},
 };
 
-std::string_view c_type(DType d) { return d == DType::float16 ? "__half" : "__nv_bfloat16"; }
-
 int ceil_pow2(int x) {
   int p = 1;
   while (p < x) p *= 2;
@@ -67,8 +65,7 @@ class NormalizationFamily final : public Family {
     const std::int64_t hidden = fields.integer("hidden_size", 1, kMaxHidden);
     const DType dtype = fields.dtype("dtype", kDTypes);
     // Widest access (up to 16 bytes) that divides the row.
-    int vec = 16 / static_cast<int>(dtype_size(dtype));
-    while (hidden % vec != 0) vec /= 2;
+    const int vec = widest_vector(dtype, hidden);
     const int vecs_per_row = static_cast<int>(hidden / vec);
     // Measured on the H100 (docs/benchmarks.md): two 16-byte accesses per thread
     // are best up to 4096 bf16 elements a row, four above that and for the
@@ -98,7 +95,7 @@ class NormalizationFamily final : public Family {
     plan.template_params = {{"op", plan.op},
                             {"hidden_size", hidden},
                             {"dtype", dtype_name(dtype)},
-                            {"ctype", c_type(dtype)},
+                            {"ctype", cuda_type(dtype)},
                             {"vec", vec},
                             {"threads_per_row", threads_per_row},
                             {"rows_per_block", rows_per_block},

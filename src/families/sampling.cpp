@@ -47,10 +47,6 @@ constexpr Variant kVariants[] = {
     {"top_k_mask_logits", "top_k_logits", true, false, false, true},
 };
 
-std::string_view c_type(DType d) {
-  return d == DType::float32 ? "float" : d == DType::float16 ? "__half" : "__nv_bfloat16";
-}
-
 class SamplingFamily final : public Family {
  public:
   std::string_view name() const override { return "sampling"; }
@@ -100,9 +96,8 @@ class SamplingFamily final : public Family {
     p.push_back(integer_param("num_draft_tokens", 0, 1 << 20));
     p.push_back(integer_param("seed", -std::numeric_limits<double>::infinity()));
     p.push_back(integer_param("offset", -std::numeric_limits<double>::infinity()));
-    int vec = 16 / static_cast<int>(dtype_size(dtype));
-    while (vocab % vec != 0) vec /= 2;
-    plan.template_params = {{"vocab_size", vocab}, {"dtype", dtype_name(dtype)}, {"ctype", c_type(dtype)},
+    const int vec = widest_vector(dtype, vocab);
+    plan.template_params = {{"vocab_size", vocab}, {"dtype", dtype_name(dtype)}, {"ctype", cuda_type(dtype)},
                             {"vec", vec}, {"threads", 512}};
     plan.launch.block[0] = 512;
     plan.launch.grid[0] = GridDim{param_index(p, "batch_size"), 1};
@@ -120,8 +115,7 @@ class SamplingFamily final : public Family {
     const bool per_row = fields.boolean("per_row_params", false);
     fields.finish();
 
-    int vec = 16 / static_cast<int>(dtype_size(dtype));
-    while (vocab % vec != 0) vec /= 2;
+    const int vec = widest_vector(dtype, vocab);
     // 512 threads: a thread may use 128 registers, which four loads in flight
     // (and, for the tested filters, four candidates) need.
     const int threads = 512;
@@ -191,7 +185,7 @@ class SamplingFamily final : public Family {
     plan.template_params = {{"op", plan.op},
                             {"vocab_size", vocab},
                             {"dtype", dtype_name(dtype)},
-                            {"ctype", c_type(dtype)},
+                            {"ctype", cuda_type(dtype)},
                             {"vec", vec},
                             {"threads", threads},
                             {"filter", variant->filter},
