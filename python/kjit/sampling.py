@@ -8,23 +8,29 @@ the same tokens; advance `offset` between steps.
 from . import default_engine
 
 
-def _sample(op, probs, params, seed, offset, engine):
+def _kernel_and_params(op, x, params, engine):
+    """The kernel for a [batch, vocab] input, and its filter arguments: Python numbers as
+    scalars, or (when any is a tensor) one int32 / float32 value per row each."""
     import torch
-    if probs.dim() != 2:
-        raise ValueError(f"{op}: probs must be 2-D [batch, vocab], got shape {tuple(probs.shape)}")
+    if x.dim() != 2:
+        raise ValueError(f"{op}: input must be 2-D [batch, vocab], got shape {tuple(x.shape)}")
     per_row = any(isinstance(v, torch.Tensor) for v in params.values())
-    spec = {"op": op, "vocab_size": int(probs.shape[1]), "dtype": str(probs.dtype).replace("torch.", "")}
+    spec = {"op": op, "vocab_size": int(x.shape[1]), "dtype": str(x.dtype).replace("torch.", "")}
     if per_row:
         spec["per_row_params"] = True
-    kernel = (engine or default_engine()).get(spec)
     args = []
     for name, value in params.items():
         if per_row:
             dtype = torch.int32 if name == "top_k" else torch.float32
-            value = value if isinstance(value, torch.Tensor) else torch.full((probs.shape[0],), value, device=probs.device)
-            args.append(value.to(device=probs.device, dtype=dtype).contiguous())
-        else:
-            args.append(value)
+            value = value if isinstance(value, torch.Tensor) else torch.full((x.shape[0],), value, device=x.device)
+            value = value.to(device=x.device, dtype=dtype).contiguous()
+        args.append(value)
+    return (engine or default_engine()).get(spec), args
+
+
+def _sample(op, probs, params, seed, offset, engine):
+    import torch
+    kernel, args = _kernel_and_params(op, probs, params, engine)
     samples = torch.empty(probs.shape[0], dtype=torch.int32, device=probs.device)
     kernel(probs, samples, *args, probs.shape[0], seed, offset)
     return samples
@@ -53,22 +59,9 @@ def top_k_top_p_sampling_from_probs(probs, top_k, top_p, seed=0, offset=0, engin
 
 def _rewrite(op, x, params, engine):
     import torch
-    if x.dim() != 2:
-        raise ValueError(f"{op}: input must be 2-D [batch, vocab], got shape {tuple(x.shape)}")
-    per_row = any(isinstance(v, torch.Tensor) for v in params.values())
-    spec = {"op": op, "vocab_size": int(x.shape[1]), "dtype": str(x.dtype).replace("torch.", "")}
-    if per_row:
-        spec["per_row_params"] = True
-    args = []
-    for name, value in params.items():
-        if per_row:
-            dtype = torch.int32 if name == "top_k" else torch.float32
-            value = value if isinstance(value, torch.Tensor) else torch.full((x.shape[0],), value, device=x.device)
-            args.append(value.to(device=x.device, dtype=dtype).contiguous())
-        else:
-            args.append(value)
+    kernel, args = _kernel_and_params(op, x, params, engine)
     out = torch.empty_like(x)
-    (engine or default_engine()).get(spec)(x, out, *args, x.shape[0])
+    kernel(x, out, *args, x.shape[0])
     return out
 
 
