@@ -97,6 +97,9 @@ TEST_CASE("every sampling variant compiles for sm_90a", "[compile][sampling]") {
     for (const char* dtype : {"float32", "bfloat16"})
       specs.push_back(fmt::format(R"({{"op": "{}", "vocab_size": 151936, "dtype": "{}", "per_row_params": true}})", op, dtype));
   }
+  // Rows streamed from global memory, and clusters of every size.
+  for (int blocks : {0, 2, 3, 5, 8})
+    specs.push_back(fmt::format(R"({{"op": "top_k_top_p_sampling_from_logits", "vocab_size": 151936, "dtype": "bfloat16", "blocks_per_row": {}}})", blocks));
   for (const char* dtype : {"float32", "float16", "bfloat16"})
     for (int vocab : {128256, 17})
       specs.push_back(fmt::format(R"({{"op": "chain_speculative_sampling", "vocab_size": {}, "dtype": "{}"}})", vocab, dtype));

@@ -17,7 +17,7 @@ kjit::Kernel kernel_without_gpu() {
   kjit::families::LaunchRule launch;
   launch.block[0] = 256;
   launch.grid[0] = {4, 1, 1};  // batch_size is parameter 4
-  return kjit::Kernel(std::make_shared<kjit::detail::KernelState>(a.info, a.cubin, launch));
+  return kjit::Kernel(std::make_shared<kjit::detail::KernelState>(a.info, a.cubin, std::vector{launch}));
 }
 
 DLTensor tensor(std::vector<std::int64_t>& shape, kjit::DType dtype, void* data = reinterpret_cast<void*>(0x1000)) {

@@ -64,8 +64,14 @@ std::vector<bool> filtered_set(const float* p, std::int64_t vocab, const Filter&
   return in;
 }
 
-std::string spec_of(const std::string& op, std::int64_t vocab, const char* dtype = "float32") {
-  return fmt::format(R"({{"op": "{}", "vocab_size": {}, "dtype": "{}"}})", op, vocab, dtype);
+// Where a row lives while it is sampled: the family's choice (small batches in shared
+// memory over a cluster, large ones streamed), always streamed from global memory, and
+// always in shared memory over an odd cluster whose slices differ in length.
+const std::vector<std::string> kLayouts = {"", R"(, "blocks_per_row": 0)",
+                                           R"(, "blocks_per_row": 5, "resident_max_batch": 2147483647)"};
+
+std::string spec_of(const std::string& op, std::int64_t vocab, const char* dtype = "float32", const std::string& layout = "") {
+  return fmt::format(R"({{"op": "{}", "vocab_size": {}, "dtype": "{}"{}}})", op, vocab, dtype, layout);
 }
 
 // Samples `rows` rows of probs (float32) once; returns the tokens.
@@ -175,11 +181,12 @@ TEST_CASE("samples never leave the filtered set (float64 reference)", "[gpu][sam
       std::vector<std::vector<bool>> sets;
       for (std::int64_t r = 0; r < rows; ++r) sets.push_back(filtered_set(&host[static_cast<std::size_t>(r * vocab)], vocab, filter));
       for (std::uint64_t offset = 0; offset < 8; ++offset) {
-        auto tokens = sample(spec_of(filter.op, vocab), filter, probs, rows, seed, offset);
+        const std::string& layout = kLayouts[offset % kLayouts.size()];
+        auto tokens = sample(spec_of(filter.op, vocab, "float32", layout), filter, probs, rows, seed, offset);
         for (std::int64_t r = 0; r < rows; ++r) {
           const int t = tokens[static_cast<std::size_t>(r)];
           INFO(filter.op << " k " << filter.top_k << " p " << filter.top_p << " min_p " << filter.min_p << " vocab " << vocab
-                         << " row " << r << " offset " << offset << " token " << t);
+                         << " row " << r << " offset " << offset << " token " << t << " layout" << layout);
           REQUIRE(t >= 0);
           REQUIRE(t < vocab);
           REQUIRE(sets[static_cast<std::size_t>(r)][static_cast<std::size_t>(t)]);
@@ -201,6 +208,7 @@ TEST_CASE("sample frequencies match the renormalized filtered distribution", "[g
   std::random_device device;
   const std::uint64_t seed = (std::uint64_t{device()} << 32) | device();
   INFO("seed " << seed);
+  for (const auto& layout : kLayouts)
   for (const auto& f : kFilters) {
     Filter filter = f;
     filter.top_k = std::min<std::int64_t>(std::max<std::int64_t>(f.top_k, 1), vocab);
@@ -214,7 +222,7 @@ TEST_CASE("sample frequencies match the renormalized filtered distribution", "[g
     std::vector<std::int64_t> counts(static_cast<std::size_t>(vocab), 0);
     std::vector<int> stream;
     for (std::int64_t l = 0; l < launches; ++l) {
-      auto tokens = sample(spec_of(filter.op, vocab), filter, probs, rows, seed, static_cast<std::uint64_t>(l));
+      auto tokens = sample(spec_of(filter.op, vocab, "float32", layout), filter, probs, rows, seed, static_cast<std::uint64_t>(l));
       for (int t : tokens) {
         REQUIRE(in[static_cast<std::size_t>(t)]);
         ++counts[static_cast<std::size_t>(t)];
@@ -223,8 +231,8 @@ TEST_CASE("sample frequencies match the renormalized filtered distribution", "[g
     }
     const std::int64_t n = rows * launches;
     const double p_value = chi_square_p(counts, target, n);
-    INFO(filter.op << " k " << filter.top_k << " p " << filter.top_p << " min_p " << filter.min_p << ": chi-square p-value "
-                   << p_value);
+    INFO(filter.op << " k " << filter.top_k << " p " << filter.top_p << " min_p " << filter.min_p << " layout" << layout
+                   << ": chi-square p-value " << p_value);
     CHECK(p_value > 1e-6);
 
     // The same test rejects a sampler that is biased by 1%: one sample in a hundred
@@ -254,6 +262,7 @@ TEST_CASE("a large vocabulary with a few dominant tokens", "[gpu][sampling]") {
   probs.upload(host.data());
   std::random_device device;
   const std::uint64_t seed = device();
+  for (const auto& layout : kLayouts)
   for (const Filter& f : {Filter{"top_p_sampling_from_probs", 0, 0.8f}, Filter{"top_k_sampling_from_probs", 3},
                           Filter{"sampling_from_probs"}}) {
     auto in = filtered_set(row.data(), vocab, f);
@@ -267,7 +276,7 @@ TEST_CASE("a large vocabulary with a few dominant tokens", "[gpu][sampling]") {
     target[5] = 1.0 - std::accumulate(target.begin(), target.begin() + 5, 0.0);
     if (target[5] < 1e-9) target[5] = 0;
     for (std::int64_t l = 0; l < launches; ++l)
-      for (int t : sample(spec_of(f.op, vocab), f, probs, rows, seed, static_cast<std::uint64_t>(l))) {
+      for (int t : sample(spec_of(f.op, vocab, "float32", layout), f, probs, rows, seed, static_cast<std::uint64_t>(l))) {
         REQUIRE(in[static_cast<std::size_t>(t)]);
         int c = 5;
         for (int d = 0; d < 5; ++d)
@@ -275,7 +284,7 @@ TEST_CASE("a large vocabulary with a few dominant tokens", "[gpu][sampling]") {
         ++counts[static_cast<std::size_t>(c)];
       }
     const double p_value = chi_square_p(counts, target, rows * launches);
-    INFO(f.op << " p-value " << p_value);
+    INFO(f.op << " layout" << layout << " p-value " << p_value);
     CHECK(p_value > 1e-6);
   }
 }
@@ -542,13 +551,14 @@ TEST_CASE("sampling from logits: softmax with temperature, fused", "[gpu][sampli
                      Filter{"min_p_sampling_from_logits", 0, 1.f, 0.1f}, Filter{"top_k_top_p_sampling_from_logits", 50, 0.8f}}) {
       f.temperature = temperature;
       f.top_k = std::min<std::int64_t>(std::max<std::int64_t>(f.top_k, 1), vocab);
-      for (std::uint64_t offset = 0; offset < 4; ++offset) {
-        auto tokens = sample(spec_of(f.op, vocab), f, logits, rows, seed, offset);
+      for (std::uint64_t offset = 0; offset < 6; ++offset) {
+        const std::string& layout = kLayouts[offset % kLayouts.size()];
+        auto tokens = sample(spec_of(f.op, vocab, "float32", layout), f, logits, rows, seed, offset);
         for (std::int64_t r = 0; r < rows; ++r) {
           auto w = weights(&host[static_cast<std::size_t>(r * vocab)], vocab);
           auto in = filtered_set(w.data(), vocab, f);
           const int t = tokens[static_cast<std::size_t>(r)];
-          INFO(f.op << " vocab " << vocab << " row " << r << " token " << t);
+          INFO(f.op << " vocab " << vocab << " row " << r << " token " << t << " layout" << layout);
           REQUIRE(t >= 0);
           REQUIRE(t < vocab);
           REQUIRE(in[static_cast<std::size_t>(t)]);
@@ -572,10 +582,13 @@ TEST_CASE("sampling from logits: softmax with temperature, fused", "[gpu][sampli
   double mass = 0;
   for (std::int64_t i = 0; i < vocab; ++i) if (in[static_cast<std::size_t>(i)]) mass += w[static_cast<std::size_t>(i)];
   for (std::int64_t i = 0; i < vocab; ++i) if (in[static_cast<std::size_t>(i)]) target[static_cast<std::size_t>(i)] = w[static_cast<std::size_t>(i)] / mass;
-  std::vector<std::int64_t> counts(static_cast<std::size_t>(vocab), 0);
-  for (std::int64_t l = 0; l < launches; ++l)
-    for (int t : sample(spec_of(f.op, vocab), f, logits, rows, seed, static_cast<std::uint64_t>(l))) ++counts[static_cast<std::size_t>(t)];
-  const double pv = chi_square_p(counts, target, rows * launches);
-  INFO("chi-square p-value " << pv);
-  CHECK(pv > 1e-6);
+  for (const auto& layout : kLayouts) {
+    std::vector<std::int64_t> counts(static_cast<std::size_t>(vocab), 0);
+    for (std::int64_t l = 0; l < launches; ++l)
+      for (int t : sample(spec_of(f.op, vocab, "float32", layout), f, logits, rows, seed, static_cast<std::uint64_t>(l)))
+        ++counts[static_cast<std::size_t>(t)];
+    const double pv = chi_square_p(counts, target, rows * launches);
+    INFO("layout" << layout << " chi-square p-value " << pv);
+    CHECK(pv > 1e-6);
+  }
 }

@@ -53,6 +53,29 @@ TEST_CASE("a valid spec plans a kernel", "[spec]") {
   CHECK(q.params[4].name == "scale");
 }
 
+TEST_CASE("sampling rows go to shared memory over as few blocks as fit", "[spec][sampling]") {
+  auto layout = [](std::int64_t vocab, const char* dtype) {
+    auto p = plan(fmt::format(R"({{"op": "top_p_sampling_from_probs", "vocab_size": {}, "dtype": "{}"}})", vocab, dtype));
+    CHECK(p.launch.grid[0].multiplier == 1);  // large batches: one block streams each row
+    CHECK(p.launch.dynamic_shared_bytes == 0);
+    if (p.conditional_launches.empty()) return std::pair<int, std::uint32_t>(0, 0);
+    const auto& resident = p.conditional_launches[0];
+    CHECK(resident.entry == p.entry + "_resident");
+    CHECK(p.params[static_cast<std::size_t>(resident.when_param)].name == "batch_size");
+    CHECK(resident.at_most == 256 / resident.grid[0].multiplier);
+    return std::pair<int, std::uint32_t>(static_cast<int>(resident.grid[0].multiplier), resident.dynamic_shared_bytes);
+  };
+  CHECK(layout(128256, "float32") == std::pair<int, std::uint32_t>(8, 64128));  // 513 KB rows
+  CHECK(layout(128256, "bfloat16") == std::pair<int, std::uint32_t>(4, 64128));
+  CHECK(layout(152064, "float32") == std::pair<int, std::uint32_t>(8, 76032));  // > 64 KB at 8 blocks
+  CHECK(layout(32000, "float32") == std::pair<int, std::uint32_t>(2, 64000));
+  CHECK(layout(17, "float32") == std::pair<int, std::uint32_t>(1, 80));
+  CHECK(layout(1 << 20, "float32") == std::pair<int, std::uint32_t>(0, 0));  // 4 MB rows: streamed
+  // The canonical spec names the field only when it is not the default.
+  CHECK_FALSE(plan(R"({"op": "sampling_from_probs", "vocab_size": 1000, "dtype": "float32", "blocks_per_row": 1})").spec.contains("blocks_per_row"));
+  CHECK(plan(R"({"op": "sampling_from_probs", "vocab_size": 1000, "dtype": "float32", "blocks_per_row": 0})").spec["blocks_per_row"] == 0);
+}
+
 TEST_CASE("launch geometry covers every row and element", "[spec]") {
   for (int hidden : {1, 2, 3, 8, 100, 128, 256, 264, 512, 1536, 2048, 4096, 4097, 5120, 7168, 8192, 16384}) {
     for (int vectors : {1, 2, 4, 8})
@@ -101,6 +124,14 @@ TEST_CASE("spec refusals name the field, the value and what is allowed", "[spec]
         "float32, float16, bfloat16");
   CHECK(refusal(R"({"op": "top_p_sampling_from_probs", "vocab_size": 128256, "dtype": "float32", "per_row_params": 1})") ==
         "spec for op \"top_p_sampling_from_probs\": field \"per_row_params\" must be true or false, got 1");
+  CHECK(refusal(R"({"op": "top_p_sampling_from_probs", "vocab_size": 5, "dtype": "float32", "blocks_per_row": 4})") ==
+        "spec for op \"top_p_sampling_from_probs\": field \"blocks_per_row\" = 4 leaves a block without a slice of the "
+        "5-vector row; use at most 3");
+  CHECK(refusal(R"({"op": "top_p_sampling_from_probs", "vocab_size": 152064, "dtype": "float32", "blocks_per_row": 2})") ==
+        "spec for op \"top_p_sampling_from_probs\": field \"blocks_per_row\" = 2 gives slices of 304128 bytes, more than "
+        "the 204800 bytes of shared memory a block may use; use more blocks, or 0 to stream the row");
+  CHECK(refusal(R"({"op": "top_p_sampling_from_probs", "vocab_size": 128256, "dtype": "float32", "blocks_per_row": 9})") ==
+        "spec for op \"top_p_sampling_from_probs\": field \"blocks_per_row\" = 9 is out of range: allowed 0..8");
   CHECK(refusal(R"([1, 2])") == "spec must be a JSON object, got array");
   CHECK(refusal(R"({"hidden_size": 4096})").find("spec has no \"op\" field") == 0);
   CHECK(refusal("{\"op\": \"rmsnorm\",\n \"hidden_size\": 4096,,}").find("spec is not valid JSON: parse error at line 2, column 22") == 0);

@@ -79,8 +79,10 @@ struct Events {
 };
 
 // Inputs that must be valid for the kernel to do representative work, by parameter name:
-// "probs" rows are softmax(3 N(0, 1)) distributions; sampling parameters take typical values.
+// "*probs" rows are softmax(3 N(0, 1)) distributions, "logits" 3 N(0, 1); sampling
+// parameters take typical values.
 double typical_value(const std::string& name) {
+  if (name == "temperature") return 1.0;
   if (name == "top_k") return 50;
   if (name == "top_p") return 0.9;
   if (name == "min_p") return 0.1;
@@ -88,17 +90,21 @@ double typical_value(const std::string& name) {
   return 1e-6;  // eps
 }
 
-void fill_by_name(std::vector<unsigned char>& host, const Param& p, std::int64_t rows, std::mt19937& rng) {
-  if (p.name == "probs" && p.dtype == DType::float32 && rows > 0) {
-    const std::size_t n = host.size() / 4, cols = n / static_cast<std::size_t>(rows);
+// `cols`: the tensor's last dimension.
+void fill_by_name(std::vector<unsigned char>& host, const Param& p, std::int64_t cols, std::mt19937& rng) {
+  const bool probs = p.name.ends_with("probs"), logits = p.name == "logits";
+  if ((probs || logits) && p.dtype == DType::float32 && cols > 0) {
+    const std::size_t rows = host.size() / 4 / static_cast<std::size_t>(cols);
     std::normal_distribution<float> normal(0.f, 3.f);
-    std::vector<float> row(cols);
-    for (std::int64_t r = 0; r < rows; ++r) {
+    std::vector<float> row(static_cast<std::size_t>(cols));
+    for (std::size_t r = 0; r < rows; ++r) {
       float m = -1e30f, sum = 0;
       for (auto& x : row) m = std::max(m, x = normal(rng));
-      for (auto& x : row) sum += (x = std::exp(x - m));
-      for (auto& x : row) x /= sum;
-      std::memcpy(&host[static_cast<std::size_t>(r) * cols * 4], row.data(), cols * 4);
+      if (probs) {
+        for (auto& x : row) sum += (x = std::exp(x - m));
+        for (auto& x : row) x /= sum;
+      }
+      std::memcpy(&host[r * row.size() * 4], row.data(), row.size() * 4);
     }
   } else if (p.name == "top_k" && p.dtype == DType::int32) {
     const int k = static_cast<int>(typical_value("top_k"));
@@ -138,7 +144,7 @@ BenchResult bench_kernel(const Kernel& kernel, const std::map<std::string, std::
         std::size_t bytes = static_cast<std::size_t>(elements) * dtype_size(p.dtype);
         buffers.emplace_back(bytes);
         std::vector<unsigned char> host(bytes);
-        fill_by_name(host, p, p.shape.empty() ? 0 : resolve_dim(p.shape[0], shape), rng);
+        fill_by_name(host, p, p.shape.empty() ? 0 : resolve_dim(p.shape.back(), shape), rng);
         buffers.back().upload(host.data());
         r.bytes += static_cast<double>(bytes) * (p.access == Param::Access::read_write ? 2 : 1);
         args.emplace_back(static_cast<const void*>(buffers.back().get()));

@@ -44,9 +44,13 @@ struct Engine::Impl {
     return r;
   }
 
-  Artifact build(std::string_view spec_json, std::string arch_name, families::LaunchRule* launch = nullptr) {
+  // launches: the plan's launch rules, conditional ones first.
+  Artifact build(std::string_view spec_json, std::string arch_name, std::vector<families::LaunchRule>* launches = nullptr) {
     Rendered r = render(spec_json);
-    if (launch) *launch = r.plan.launch;
+    if (launches) {
+      *launches = r.plan.conditional_launches;
+      launches->push_back(r.plan.launch);
+    }
     arch_name = compile::normalize_arch(arch_name);
     const std::vector<std::string> nvrtc_options = compile::compile_options(arch_name);
     const std::string source_key = cache::source_key(r.source, r.headers, nvrtc_options, arch_name);
@@ -176,10 +180,10 @@ Kernel Engine::get(std::string_view spec_json) {
     std::lock_guard lock(m.mutex);
     if (auto it = m.kernels.find(memo_key); it != m.kernels.end()) return it->second;
   }
-  families::LaunchRule launch;
-  Artifact a = m.build(spec_json, arch_name, &launch);
+  std::vector<families::LaunchRule> launches;
+  Artifact a = m.build(spec_json, arch_name, &launches);
   const std::string canonical_key = a.info.spec + '\n' + arch_name;
-  auto state = std::make_shared<detail::KernelState>(a.info, std::move(a.cubin), launch);
+  auto state = std::make_shared<detail::KernelState>(a.info, std::move(a.cubin), std::move(launches));
   state->function(runtime::current_device());  // load now, so errors surface at get()
   Kernel k(std::move(state));
   std::lock_guard lock(m.mutex);

@@ -6,10 +6,14 @@
 namespace kjit {
 namespace detail {
 
-KernelState::KernelState(KernelInfo i, std::string c, families::LaunchRule l)
-    : info(std::move(i)), cubin(std::move(c)), launch(l) {
+KernelState::KernelState(KernelInfo i, std::string c, std::vector<families::LaunchRule> l)
+    : info(std::move(i)), cubin(std::move(c)), launches(std::move(l)) {
   if (info.params.size() > static_cast<std::size_t>(kMaxParams))
     throw Error(ErrorCode::internal, fmt::format("{}: too many parameters", info.entry));
+  if (launches.empty() || launches.size() > static_cast<std::size_t>(kMaxLaunchRules))
+    throw Error(ErrorCode::internal, fmt::format("{}: {} launch rules", info.entry, launches.size()));
+  for (auto& rule : launches)
+    if (rule.entry.empty()) rule.entry = info.entry;
   for (const Param& p : info.params) {
     ParamCheck c{p.kind, p.dtype, p.min, p.max, p.min_exclusive};
     c.rank = static_cast<int>(p.shape.size());
@@ -34,27 +38,29 @@ KernelState::~KernelState() {
     if (m) d.module_unload(m);
 }
 
-CUfunction KernelState::function(int device) const {
+CUfunction KernelState::function(int device, std::size_t rule) const {
   if (device < 0 || device >= kMaxDevices) throw CudaError(fmt::format("device {} is out of range", device));
-  if (CUfunction f = functions[device].load(std::memory_order_acquire)) return f;
+  auto& loaded = functions[device];
+  if (loaded[0].load(std::memory_order_acquire)) return loaded[rule].load(std::memory_order_relaxed);
   std::lock_guard lock(load_mutex);
-  if (CUfunction f = functions[device].load(std::memory_order_relaxed)) return f;
+  if (loaded[0].load(std::memory_order_relaxed)) return loaded[rule].load(std::memory_order_relaxed);
   const auto& d = runtime::driver();
   CUmodule module = nullptr;
   runtime::check(d.module_load_data(&module, cubin.data()), "cuModuleLoadData");
-  CUfunction f = nullptr;
-  CUresult r = d.module_get_function(&f, module, info.entry.c_str());
-  if (r != CUDA_SUCCESS) {
-    d.module_unload(module);
-    runtime::check(r, "cuModuleGetFunction");
+  CUfunction fs[kMaxLaunchRules] = {};
+  for (std::size_t i = 0; i < launches.size(); ++i) {
+    const families::LaunchRule& l = launches[i];
+    CUresult r = d.module_get_function(&fs[i], module, l.entry.c_str());
+    if (r == CUDA_SUCCESS && l.dynamic_shared_bytes > 48 * 1024)
+      r = d.func_set_attribute(fs[i], CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, static_cast<int>(l.dynamic_shared_bytes));
+    if (r != CUDA_SUCCESS) {
+      d.module_unload(module);
+      runtime::check(r, fmt::format("loading {}", l.entry).c_str());
+    }
   }
-  if (launch.dynamic_shared_bytes > 48 * 1024)
-    runtime::check(d.func_set_attribute(f, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                                        static_cast<int>(launch.dynamic_shared_bytes)),
-                   "cuFuncSetAttribute");
   modules[device] = module;
-  functions[device].store(f, std::memory_order_release);
-  return f;
+  for (std::size_t i = launches.size(); i-- > 0;) loaded[i].store(fs[i], std::memory_order_release);
+  return fs[rule];
 }
 
 namespace {
@@ -155,14 +161,17 @@ void Kernel::launch(std::span<const Arg> args, void* stream) const {
     }
   }
 
+  std::size_t rule = 0;
+  while (rule + 1 < s.launches.size() && values[s.launches[rule].when_param].integer > s.launches[rule].at_most) ++rule;
+  const families::LaunchRule& launch = s.launches[rule];
   unsigned grid[3];
   for (int d = 0; d < 3; ++d) {
-    const families::GridDim& g = s.launch.grid[d];
+    const families::GridDim& g = launch.grid[d];
     if (g.param < 0) {
       grid[d] = g.constant;
     } else {
       long long v = values[g.param].integer;
-      long long blocks = (v + g.divisor - 1) / g.divisor;
+      long long blocks = (v + g.divisor - 1) / g.divisor * g.multiplier;
       if (blocks > 0x7fffffffLL) detail::argument_error(s.info, static_cast<std::size_t>(g.param), "is too large for one launch");
       grid[d] = static_cast<unsigned>(blocks);
     }
@@ -170,9 +179,9 @@ void Kernel::launch(std::span<const Arg> args, void* stream) const {
   if (grid[0] == 0 || grid[1] == 0 || grid[2] == 0) return;  // nothing to do (e.g. zero rows)
 
   const runtime::DriverApi& d = runtime::driver();
-  CUfunction f = s.function(runtime::current_device());
-  runtime::check(d.launch_kernel(f, grid[0], grid[1], grid[2], s.launch.block[0], s.launch.block[1], s.launch.block[2],
-                                 s.launch.dynamic_shared_bytes, static_cast<CUstream>(stream), slots, nullptr),
+  CUfunction f = s.function(runtime::current_device(), rule);
+  runtime::check(d.launch_kernel(f, grid[0], grid[1], grid[2], launch.block[0], launch.block[1], launch.block[2],
+                                 launch.dynamic_shared_bytes, static_cast<CUstream>(stream), slots, nullptr),
                  "cuLaunchKernel");
 }
 

@@ -19,6 +19,7 @@ namespace kjit::detail {
 inline constexpr int kMaxParams = 32;
 inline constexpr int kMaxDevices = 64;
 inline constexpr int kMaxRank = 6;
+inline constexpr int kMaxLaunchRules = 4;
 
 // One tensor dimension's expectation: a constant, or equal to an integer argument.
 struct DimCheck {
@@ -38,17 +39,18 @@ struct ParamCheck {
 struct KernelState {
   KernelInfo info;
   std::string cubin;
-  families::LaunchRule launch;
-  std::vector<ParamCheck> checks;  // one per param, built at handle creation
+  std::vector<families::LaunchRule> launches;  // conditional ones first, the unconditional one last
+  std::vector<ParamCheck> checks;               // one per param, built at handle creation
 
   // Loaded on first launch on each device; the module stays loaded with the handle.
-  mutable std::array<std::atomic<CUfunction>, kMaxDevices> functions{};
+  // functions[device][0] is published last, so the others are ready when it is.
+  mutable std::array<std::array<std::atomic<CUfunction>, kMaxLaunchRules>, kMaxDevices> functions{};
   mutable std::array<CUmodule, kMaxDevices> modules{};
   mutable std::mutex load_mutex;
 
-  KernelState(KernelInfo info, std::string cubin, families::LaunchRule launch);
+  KernelState(KernelInfo info, std::string cubin, std::vector<families::LaunchRule> launches);
   ~KernelState();
-  CUfunction function(int device) const;  // loads on first use
+  CUfunction function(int device, std::size_t rule = 0) const;  // loads on first use
 };
 
 }  // namespace kjit::detail

@@ -18,17 +18,23 @@
 
 namespace kjit::families {
 
-// One grid dimension: ceil(integer argument / divisor), or a constant.
+// One grid dimension: ceil(integer argument / divisor) * multiplier, or a constant.
 struct GridDim {
   int param = -1;  // index into the signature; -1 for a constant
   std::int64_t divisor = 1;
   std::uint32_t constant = 1;
+  std::int64_t multiplier = 1;  // e.g. the blocks of a cluster that share one row
 };
 
 struct LaunchRule {
   std::uint32_t block[3] = {1, 1, 1};
   GridDim grid[3];
   std::uint32_t dynamic_shared_bytes = 0;
+  // Conditional rules launch another entry point of the same module, while integer
+  // argument `when_param` is at most `at_most` (e.g. a form for small batches).
+  std::string entry;  // empty: the plan's entry
+  int when_param = -1;
+  std::int64_t at_most = 0;
 };
 
 struct KernelPlan {
@@ -38,7 +44,8 @@ struct KernelPlan {
   nlohmann::json template_params;  // the template's context ("entry" is added)
   std::string entry;               // extern "C" symbol
   std::vector<Param> params;       // in the entry point's order
-  LaunchRule launch;
+  LaunchRule launch;                          // unconditional, the plan's entry
+  std::vector<LaunchRule> conditional_launches;  // tried first, in order
 };
 
 class Family {

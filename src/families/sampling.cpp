@@ -7,7 +7,12 @@
 //        temperature argument after the filter's); top_k_renorm_probs, top_p_renorm_probs and
 //        top_k_mask_logits rewrite the row (templates/kjit/renorm.cuh)
 //   fields: vocab_size (1..16777216), dtype (float32 | float16 | bfloat16),
-//           per_row_params (false: top_k / top_p / min_p are scalars; true: one per row)
+//           per_row_params (false: top_k / top_p / min_p are scalars; true: one per row),
+//           tuning, sampling ops only: blocks_per_row (1..8: small batches keep each row
+//           in the shared memory of that many blocks of a cluster; 0: never; by default
+//           the fewest blocks with <= 64 KB each, else 8 blocks of <= 200 KB, else 0),
+//           resident_max_batch (the largest batch launched that way, default 256 blocks'
+//           worth; larger batches stream each row from global memory with one block)
 //
 // Arguments: probs [batch_size, vocab], samples int32 [batch_size] (written), the
 // filter's parameters, batch_size, seed, offset; the rewriting ops take input, output
@@ -15,6 +20,9 @@
 // same samples. Scalars are checked on the host (top_k in 1..vocab, top_p in (0, 1],
 // min_p in [0, 1]); per-row values are clamped into those ranges on the GPU (NaN top_p
 // acts as the smallest p: the most likely token(s)).
+#include <algorithm>
+#include <limits>
+
 #include <fmt/format.h>
 
 #include "families/family.hpp"
@@ -23,6 +31,21 @@ namespace kjit::families {
 namespace {
 
 constexpr std::int64_t kMaxVocab = 1 << 24;
+constexpr std::int64_t kMaxSliceBytes = 200 * 1024;  // + the Sampler's static shared memory < 227 KB
+
+// Bytes of one block's slice when a row of `vectors` vectors of `vector_bytes`
+// is split over `blocks`, rounded up to the 16 bytes the bulk copy works in.
+std::int64_t slice_bytes(std::int64_t vectors, std::int64_t vector_bytes, std::int64_t blocks) {
+  return ((vectors + blocks - 1) / blocks * vector_bytes + 15) / 16 * 16;
+}
+
+// The fewest blocks whose slices fit 64 KB (three blocks per SM), else 8 blocks
+// of up to 200 KB, else 0: the row is streamed.
+int default_blocks_per_row(std::int64_t vectors, std::int64_t vector_bytes) {
+  for (int blocks : {1, 2, 4, 8})
+    if (blocks <= vectors && slice_bytes(vectors, vector_bytes, blocks) <= 64 * 1024) return blocks;
+  return slice_bytes(vectors, vector_bytes, 8) <= kMaxSliceBytes ? 8 : 0;
+}
 constexpr DType kDTypes[] = {DType::float32, DType::float16, DType::bfloat16};
 
 struct Variant {
@@ -113,17 +136,42 @@ class SamplingFamily final : public Family {
     const std::int64_t vocab = fields.integer("vocab_size", 1, kMaxVocab);
     const DType dtype = fields.dtype("dtype", kDTypes);
     const bool per_row = fields.boolean("per_row_params", false);
+    const int vec = widest_vector(dtype, vocab);
+    const std::int64_t vectors = vocab / vec, vector_bytes = vec * static_cast<std::int64_t>(dtype_size(dtype));
+    int blocks_per_row = 0, default_blocks = 0;
+    std::int64_t resident_max_batch = 0, default_max_batch = 0;
+    if (!variant->renorm) {
+      default_blocks = default_blocks_per_row(vectors, vector_bytes);
+      blocks_per_row = static_cast<int>(fields.integer("blocks_per_row", 0, 8, default_blocks));
+      if (blocks_per_row > 0) {
+        const std::int64_t per_block = (vectors + blocks_per_row - 1) / blocks_per_row;
+        if (per_block * (blocks_per_row - 1) >= vectors)
+          fields.fail("blocks_per_row", fmt::format("= {} leaves a block without a slice of the {}-vector row; use at most {}",
+                                                    blocks_per_row, vectors, (vectors + per_block - 1) / per_block));
+        if (slice_bytes(vectors, vector_bytes, blocks_per_row) > kMaxSliceBytes)
+          fields.fail("blocks_per_row", fmt::format("= {} gives slices of {} bytes, more than the {} bytes of shared memory a block may use; "
+                                                    "use more blocks, or 0 to stream the row", blocks_per_row,
+                                                    slice_bytes(vectors, vector_bytes, blocks_per_row), kMaxSliceBytes));
+        // One wave of an H100 at two blocks per SM: beyond it, clusters of a row wait
+        // on each other while one block per row streams at full bandwidth.
+        default_max_batch = std::max(1, 256 / blocks_per_row);
+        resident_max_batch = fields.integer("resident_max_batch", 0, std::numeric_limits<std::int32_t>::max(), default_max_batch);
+      }
+    }
     fields.finish();
 
-    const int vec = widest_vector(dtype, vocab);
-    // 512 threads: a thread may use 128 registers, which four loads in flight
-    // (and, for the tested filters, four candidates) need.
-    const int threads = 512;
+    // Streaming: 512 threads, a thread may use 128 registers, which four loads in
+    // flight (and, for the tested filters, four candidates) need. Resident rows:
+    // 256 threads per block, two blocks per SM.
+    const int threads = 512, resident_threads = 256;
+    const std::int64_t slice = blocks_per_row > 0 ? slice_bytes(vectors, vector_bytes, blocks_per_row) : 0;
 
     KernelPlan plan;
     plan.op = std::string(variant->op);
     plan.spec = {{"op", plan.op}, {"vocab_size", vocab}, {"dtype", dtype_name(dtype)}};
     if (per_row) plan.spec["per_row_params"] = true;
+    if (blocks_per_row != default_blocks) plan.spec["blocks_per_row"] = blocks_per_row;
+    if (resident_max_batch != default_max_batch) plan.spec["resident_max_batch"] = resident_max_batch;
     plan.template_name = variant->renorm ? "renorm.cu.j2" : "sampling.cu.j2";
     plan.entry = fmt::format("kjit_{}", variant->op);
 
@@ -140,7 +188,7 @@ class SamplingFamily final : public Family {
     }
     nlohmann::json entry_params = nlohmann::json::array();
     std::string top_k = "0", top_p = "1.f", min_p = "0.f";
-    const std::string row = "[blockIdx.x]";
+    const std::string row = "[row]";
     if (variant->top_k) {
       if (per_row) {
         p.push_back(tensor_param("top_k", DType::int32, {"batch_size"}));
@@ -198,6 +246,23 @@ class SamplingFamily final : public Family {
                             {"min_p_expr", min_p}};
     plan.launch.block[0] = threads;
     plan.launch.grid[0] = GridDim{param_index(p, "batch_size"), 1};
+    if (!variant->renorm) {
+      nlohmann::json forms = nlohmann::json::array();
+      forms.push_back({{"entry", plan.entry}, {"blocks_per_row", 0}, {"threads", threads}, {"min_blocks", 1}, {"slice_bytes", 0}});
+      if (blocks_per_row > 0) {
+        LaunchRule resident;
+        resident.entry = plan.entry + "_resident";
+        resident.when_param = param_index(p, "batch_size");
+        resident.at_most = resident_max_batch;
+        resident.block[0] = resident_threads;
+        resident.grid[0] = GridDim{resident.when_param, 1, 1, blocks_per_row};
+        resident.dynamic_shared_bytes = static_cast<std::uint32_t>(slice);
+        plan.conditional_launches.push_back(resident);
+        forms.push_back({{"entry", resident.entry}, {"blocks_per_row", blocks_per_row}, {"threads", resident_threads},
+                         {"min_blocks", 2}, {"slice_bytes", slice}});
+      }
+      plan.template_params["forms"] = forms;
+    }
     return plan;
   }
 };

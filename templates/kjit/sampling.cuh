@@ -1,4 +1,6 @@
-// Sorting-free sampling: one block per row, a few passes over the row.
+// Sorting-free sampling: a few passes over each row. A row lives in shared memory,
+// split over a cluster of up to 8 blocks, so only its first pass reads global
+// memory; rows too long for that are streamed from global memory by one block.
 //
 // Every filter kjit supports keeps an upper set of the row, S = {i : p_i >= t},
 // so a sample from p restricted to S can be drawn by rejection without sorting:
@@ -11,13 +13,16 @@
 //
 // A candidate drawn from a superset of S and kept only if it lies in S is exactly
 // a draw from p restricted to S (tested filters draw four candidates a round and
-// take the first inside S). A draw is two-level: each thread owns a chunk of
-// the row and sums its eligible mass during the pass; an exponential race over
-// the 1024 chunk sums (argmin E_t / S_t) picks a chunk with probability S_t / sum S,
-// and a race over the chunk's elements (argmin E_i / p_i), run by one warp, picks
-// the token with probability p_i / S_t. Random numbers come from Philox keyed by
-// (seed, offset) and counted by (row, round, thread or element), so the result does
-// not depend on scheduling. The test of round r's candidate shares round r+1's pass.
+// take the first inside S). A draw is two-level: each thread owns a chunk of the
+// row and sums its eligible mass during the pass; an exponential race over the
+// chunk sums (argmin E_t / S_t) picks a chunk with probability S_t / sum S, and a
+// race over the chunk's elements (argmin E_i / p_i), run by one warp of the block
+// holding the chunk, picks the token with probability p_i / S_t. Random numbers
+// come from Philox keyed by (seed, offset) and counted by (row, round, chunk or
+// element), so the result does not depend on scheduling. The test of round r's
+// candidate shares round r+1's pass.
+// The blocks of a cluster push their sums into every block's shared memory and
+// each combines them in rank order, so all take the same decisions.
 // Each pass also counts the tokens and mass above a few pivot values: a pivot with
 // k tokens (or top_p of the mass) above it is below the threshold, and lo jumps to
 // it; this bounds the rounds top-k needs on long-tailed rows.
@@ -26,6 +31,7 @@
 // that has not converged after kMaxRounds, yields its largest entry.
 #pragma once
 
+#include "kjit/cluster.cuh"
 #include "kjit/common.cuh"
 #include "kjit/philox.cuh"
 
@@ -50,7 +56,9 @@ struct Pivots {
 template <>
 struct Pivots<0> {};
 
-template <typename T, int kVocab, int kVec, int kThreads, Filter kFilter, bool kLogits = false>
+// kBlocksPerRow: 0 streams each row from global memory with one block; 1..8 keeps
+// the row in shared memory, split into that many slices, one per block of a cluster.
+template <typename T, int kVocab, int kVec, int kThreads, Filter kFilter, bool kLogits = false, int kBlocksPerRow = 0>
 struct Sampler {
   static constexpr int kWarps = kThreads / 32;
   static constexpr int kMaxRounds = 64;
@@ -64,13 +72,20 @@ struct Sampler {
   // superset, so still exact), and a row rarely needs more than two passes.
   static constexpr int kDraws = kTested ? 4 : 1;
   static constexpr int kVecsPerRow = kVocab / kVec;
+  static constexpr bool kResident = kBlocksPerRow > 0;
+  static constexpr int kCluster = kResident ? kBlocksPerRow : 1;
+  static constexpr int kVecsPerBlock = (kVecsPerRow + kCluster - 1) / kCluster;
+  // Dynamic shared memory the launch must give: one slice of the row.
+  static constexpr int kSliceBytes = kResident ? (kVecsPerBlock * kVec * static_cast<int>(sizeof(T)) + 15) / 16 * 16 : 0;
   static constexpr int kUnroll = 4;
   static_assert(kVocab % kVec == 0, "vector width must divide the vocabulary");
   static_assert(kDraws <= kWarps && kDraws <= 4, "one warp and one Philox lane per draw");
+  static_assert(kBlocksPerRow >= 0 && kBlocksPerRow <= 8, "a portable cluster has at most 8 blocks");
+  static_assert(kVecsPerBlock * (kCluster - 1) < kVecsPerRow, "every block of a row needs a non-empty slice");
 
   struct Partial {
     float key[kDraws];     // chunk races: smallest E_t / S_t
-    int index[kDraws];     // their threads
+    int index[kDraws];     // their chunks (block rank * kThreads + thread)
     int count[kDraws];     // tokens above each pending candidate
     double mass[kDraws];   // their mass
     double total;          // mass of the row (round 0)
@@ -78,11 +93,26 @@ struct Sampler {
     int argmax;
   };
 
+  // What a block contributes to a round: its Partial and its pivot sums.
+  struct BlockSums {
+    Partial part;
+    int pivot_count[kPivots > 0 ? kPivots : 1];
+    float pivot_mass[kPivots > 0 ? kPivots : 1];
+  };
+
+  struct Candidate {
+    int token;
+    float p;
+  };
+
   struct Shared {
     Partial warp_partials[kWarps];
     int pivot_count[kPivots > 0 ? kPivots : 1];
     float pivot_mass[kPivots > 0 ? kPivots : 1];
-    int candidate[kDraws];
+    BlockSums published[kCluster];  // written by each block of the cluster into every block
+    Candidate candidate[kDraws];    // written by the block that ran the draw into every block
+    float block_max[kCluster];
+    unsigned long long slice_loaded;  // mbarrier of the bulk copy
   };
 
   static __device__ __forceinline__ float clean(float p) { return p > 0.f ? p : 0.f; }  // NaN, negatives -> 0
@@ -93,6 +123,24 @@ struct Sampler {
   static __device__ __forceinline__ float weight(float x, float max_logit, float scale_log2) {
     if constexpr (kLogits) return x == x ? exp2f((x - max_logit) * scale_log2) : 0.f;
     else return clean(x);
+  }
+
+  static __device__ __forceinline__ unsigned rank() { return kCluster > 1 ? blockIdx.x % kCluster : 0u; }
+
+  // Orders writes into peers' shared memory (or, for one block, the block's own).
+  static __device__ __forceinline__ void group_sync() {
+    if constexpr (kCluster > 1) cluster::sync();
+    else __syncthreads();
+  }
+
+  template <typename V>
+  static __device__ __forceinline__ void push_to_all(V* local_slot, const V& value) {
+    if constexpr (kCluster > 1) {
+#pragma unroll
+      for (unsigned r = 0; r < kCluster; ++r) *cluster::map(local_slot, r) = value;
+    } else {
+      *local_slot = value;
+    }
   }
 
   static __device__ __forceinline__ Partial combine(Partial a, const Partial& b) {
@@ -138,13 +186,61 @@ struct Sampler {
     return (i & 3) == 0 ? bits.x : (i & 3) == 1 ? bits.y : (i & 3) == 2 ? bits.z : bits.w;
   }
 
+  // f(v, x) for this thread's vectors x = src[v * kVec ...] of src[0, vecs * kVec), with
+  // kUnroll loads in flight before any is used: when src is global memory, bytes in
+  // flight set the pass time.
+  template <typename F>
+  static __device__ __forceinline__ void for_each_vector(const T* src, int vecs, F&& f) {
+    for (int base = threadIdx.x; base < vecs; base += kThreads * kUnroll) {
+      Vec<T, kVec> xs[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u)
+        if (base + u * kThreads < vecs) xs[u].load(src + (base + u * kThreads) * kVec);
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u)
+        if (base + u * kThreads < vecs) f(base + u * kThreads, xs[u]);
+    }
+  }
+
+  // Resident rows: this block's slice into shared memory, by the bulk copy engine
+  // when the slice is 16-byte aligned, else by ordinary loads. Also makes sure
+  // every block of the cluster runs before any writes into a peer.
+  static __device__ void load_slice(const T* g, int vecs, T* slice, Shared& shared) {
+    const unsigned bytes = static_cast<unsigned>(vecs) * kVec * sizeof(T);
+    const bool bulk = (reinterpret_cast<unsigned long long>(g) & 15) == 0 && bytes % 16 == 0;
+    if (bulk && threadIdx.x == 0) {
+      bulk::barrier_init(&shared.slice_loaded, 1);
+      bulk::barrier_expect_bytes(&shared.slice_loaded, bytes);
+      constexpr unsigned kPiece = 32768;  // several copies in flight
+      for (unsigned at = 0; at < bytes; at += kPiece)
+        bulk::copy(reinterpret_cast<char*>(slice) + at, reinterpret_cast<const char*>(g) + at,
+                   bytes - at < kPiece ? bytes - at : kPiece, &shared.slice_loaded);
+    }
+    if (!bulk) for_each_vector(g, vecs, [&](int v, const Vec<T, kVec>& x) { x.store(slice + v * kVec); });
+    group_sync();
+    if (bulk) bulk::barrier_wait(&shared.slice_loaded, 0);
+  }
+
   static __device__ void run(const T* __restrict__ probs, int* __restrict__ samples, RowParams params,
                              unsigned long long seed, unsigned long long offset) {
     __shared__ Shared shared;
-    const int row = blockIdx.x;
+    extern __shared__ __align__(16) unsigned char slice_storage[];
+    const long long row = blockIdx.x / kCluster;
+    const unsigned my_rank = rank();
     const int lane = threadIdx.x % 32;
     const int warp = threadIdx.x / 32;
-    const T* p_row = probs + static_cast<long long>(row) * kVocab;
+    const T* p_row = probs + row * kVocab;
+    // This block's vectors [first_vec, first_vec + vecs) of the row, read from src.
+    const int first_vec = static_cast<int>(my_rank) * kVecsPerBlock;
+    const int vecs = kResident ? min(kVecsPerBlock, kVecsPerRow - first_vec) : kVecsPerRow;
+    const T* src = p_row;
+    if constexpr (kResident) {
+      T* slice = reinterpret_cast<T*>(slice_storage);
+      load_slice(p_row + first_vec * kVec, vecs, slice, shared);
+      src = slice;
+    }
+    const int first_chunk = static_cast<int>(my_rank) * kThreads;
+
     random::Philox4x32 philox;
     philox.key = make_uint2(static_cast<unsigned>(seed), static_cast<unsigned>(seed >> 32) ^ static_cast<unsigned>(offset >> 32));
     philox.counter = make_uint4(0, static_cast<unsigned>(row), 0, static_cast<unsigned>(offset));
@@ -170,19 +266,20 @@ struct Sampler {
     const float scale_log2 = params.inv_temperature * 1.4426950408889634f;  // log2(e) / T
     if constexpr (kLogits) {
       float m = -__int_as_float(0x7f800000);
-      for (int v = threadIdx.x; v < kVecsPerRow; v += kThreads) {
-        Vec<T, kVec> x;
-        x.load(p_row + v * kVec);
+      for_each_vector(src, vecs, [&](int, const Vec<T, kVec>& x) {
 #pragma unroll
         for (int j = 0; j < kVec; ++j) m = fmaxf(m, to_float(x[j]));  // fmaxf skips NaN
-      }
+      });
 #pragma unroll
       for (int o = 16; o > 0; o /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
       if (lane == 0) shared.warp_partials[warp].max = m;
       __syncthreads();
       m = shared.warp_partials[0].max;
       for (int w = 1; w < kWarps; ++w) m = fmaxf(m, shared.warp_partials[w].max);
-      __syncthreads();
+      if (threadIdx.x < kCluster) *(kCluster > 1 ? cluster::map(&shared.block_max[my_rank], threadIdx.x) : &shared.block_max[0]) = m;
+      group_sync();
+      m = shared.block_max[0];
+      for (int b = 1; b < kCluster; ++b) m = fmaxf(m, shared.block_max[b]);
       max_logit = m;
       if (!(max_logit > -__int_as_float(0x7f800000))) max_logit = 0.f;  // all -inf / NaN: every weight is 0
     }
@@ -208,58 +305,46 @@ struct Sampler {
 #pragma unroll
         for (int q = 0; q < kPivots; ++q) { pivots.count[q] = 0; pivots.mass[q] = 0.f; }
       }
-      // kUnroll loads in flight per thread before any is used: one block per SM
-      // streams a row, so bytes in flight, not arithmetic, set the pass time.
-      for (int base = threadIdx.x; base < kVecsPerRow; base += kThreads * kUnroll) {
-        Vec<T, kVec> xs[kUnroll];
+      for_each_vector(src, vecs, [&](int v, const Vec<T, kVec>& x) {
 #pragma unroll
-        for (int u = 0; u < kUnroll; ++u)
-          if (base + u * kThreads < kVecsPerRow) xs[u].load(p_row + (base + u * kThreads) * kVec);
+        for (int j = 0; j < kVec; ++j) {
+          const float p = weight(to_float(x[j]), max_logit, scale_log2);
+          if (round == 0) {
+            part.total += p;
+            if (p > part.max) { part.max = p; part.argmax = (first_vec + v) * kVec + j; }
+          }
+          if constexpr (kTested) {
+            if (p > gate) {  // above the lowest pending candidate: rare, candidates are likely tokens
 #pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-          const int v = base + u * kThreads;
-          if (v >= kVecsPerRow) break;
-          const Vec<T, kVec>& x = xs[u];
-#pragma unroll
-          for (int j = 0; j < kVec; ++j) {
-            const float p = weight(to_float(x[j]), max_logit, scale_log2);
-            if (round == 0) {
-              part.total += p;
-              if (p > part.max) { part.max = p; part.argmax = v * kVec + j; }
+              for (int d = 0; d < kDraws; ++d)
+                if (candidate[d] >= 0 && p > candidate_p[d]) {
+                  ++part.count[d];
+                  part.mass[d] += p;
+                }
             }
-            if constexpr (kTested) {
-              if (p > gate) {  // above the lowest pending candidate: rare, candidates are likely tokens
+          }
+          if (p > lo && p >= floor) chunk += p;
+          if constexpr (kPivots > 0) {
+            if (p > pivots.value[0]) {  // ascending: most of a long tail stops here
 #pragma unroll
-                for (int d = 0; d < kDraws; ++d)
-                  if (candidate[d] >= 0 && p > candidate_p[d]) {
-                    ++part.count[d];
-                    part.mass[d] += p;
-                  }
-              }
-            }
-            if (p > lo && p >= floor) chunk += p;
-            if constexpr (kPivots > 0) {
-              if (p > pivots.value[0]) {  // ascending: most of a long tail stops here
-#pragma unroll
-                for (int q = 0; q < kPivots; ++q)
-                  if (p > pivots.value[q]) {
-                    if constexpr (kTopK) ++pivots.count[q];
-                    if constexpr (kTopP) pivots.mass[q] += p;
-                  }
-              }
+              for (int q = 0; q < kPivots; ++q)
+                if (p > pivots.value[q]) {
+                  if constexpr (kTopK) ++pivots.count[q];
+                  if constexpr (kTopP) pivots.mass[q] += p;
+                }
             }
           }
         }
-      }
+      });
       // The chunk races: one Philox call gives every draw its exponential.
-      philox.counter.x = threadIdx.x;
+      philox.counter.x = first_chunk + threadIdx.x;
       philox.counter.z = 2u * round;
       if (chunk > 0.0) {
         const uint4 bits = philox();
 #pragma unroll
         for (int d = 0; d < kDraws; ++d) {
           part.key[d] = static_cast<float>(random::exponential(pick(bits, d)) / chunk);
-          part.index[d] = threadIdx.x;
+          part.index[d] = first_chunk + threadIdx.x;
         }
       }
       if constexpr (kPivots > 0) {
@@ -277,7 +362,22 @@ struct Sampler {
           if (lane == 0) { atomicAdd(&shared.pivot_count[q], c); atomicAdd(&shared.pivot_mass[q], m); }
         }
       }
-      const Partial r = block_reduce(part, shared);  // its barrier also orders the pivot sums
+      {
+        // Block sums (block_reduce's barrier also orders the pivot sums), pushed to
+        // every block of the row and combined there in rank order.
+        BlockSums mine;
+        mine.part = block_reduce(part, shared);
+        if constexpr (kPivots > 0) {
+#pragma unroll
+          for (int q = 0; q < kPivots; ++q) { mine.pivot_count[q] = shared.pivot_count[q]; mine.pivot_mass[q] = shared.pivot_mass[q]; }
+        }
+        if (threadIdx.x < kCluster)
+          *(kCluster > 1 ? cluster::map(&shared.published[my_rank], threadIdx.x) : &shared.published[0]) = mine;
+      }
+      group_sync();
+      Partial r = shared.published[0].part;
+#pragma unroll
+      for (int b = 1; b < kCluster; ++b) r = combine(r, shared.published[b].part);
       const float drawn_lo = lo, drawn_floor = floor;  // the eligibility the chunk sums were taken with
       if (round == 0) {
         total = r.total;
@@ -302,61 +402,67 @@ struct Sampler {
       if constexpr (kPivots > 0) {
 #pragma unroll
         for (int q = 0; q < kPivots; ++q) {
+          int count = 0;
+          float mass = 0.f;
+#pragma unroll
+          for (int b = 0; b < kCluster; ++b) { count += shared.published[b].pivot_count[q]; mass += shared.published[b].pivot_mass[q]; }
           bool below = false;
-          if constexpr (kTopK) below = below || shared.pivot_count[q] >= params.top_k;
+          if constexpr (kTopK) below = below || count >= params.top_k;
           if constexpr (kTopP)
-            below = below || static_cast<double>(shared.pivot_mass[q]) >= static_cast<double>(params.top_p) * total * (1.0 + 1e-4);
+            below = below || static_cast<double>(mass) >= static_cast<double>(params.top_p) * total * (1.0 + 1e-4);
           if (below) lo = fmaxf(lo, pivots.value[q]);
         }
       }
-      __syncthreads();  // everyone has read the shared sums
       if (r.index[0] == kNone) { result = row_argmax; break; }  // nothing to draw from: no positive entry
 
-      // The element races inside the winning chunks: warp d runs draw d.
+      // The element races inside the winning chunks: warp d of the chunk's block runs draw d.
       if (warp < kDraws) {
-        float best_key = __int_as_float(0x7f800000);
-        int best = kNone;
-        int chunk_owner = r.index[0];
+        int chunk_id = r.index[0];
 #pragma unroll
         for (int d = 1; d < kDraws; ++d)
-          if (warp == d) chunk_owner = r.index[d];
-        philox.counter.z = 2u * round + 1u + 256u * static_cast<unsigned>(warp);
-        for (int v = chunk_owner + lane * kThreads; v < kVecsPerRow; v += 32 * kThreads) {
-          Vec<T, kVec> x;
-          x.load(p_row + v * kVec);
-          int group = -1;
-          uint4 bits;
+          if (warp == d) chunk_id = r.index[d];
+        if (chunk_id / kThreads == static_cast<int>(my_rank)) {
+          float best_key = __int_as_float(0x7f800000), best_p = 0.f;
+          int best = kNone;
+          philox.counter.z = 2u * round + 1u + 256u * static_cast<unsigned>(warp);
+          for (int v = chunk_id % kThreads + lane * kThreads; v < vecs; v += 32 * kThreads) {
+            Vec<T, kVec> x;
+            x.load(src + v * kVec);
+            int group = -1;
+            uint4 bits;
 #pragma unroll
-          for (int j = 0; j < kVec; ++j) {
-            const int i = v * kVec + j;
-            const float p = weight(to_float(x[j]), max_logit, scale_log2);
-            if (p > drawn_lo && p >= drawn_floor && p > 0.f) {
-              if (i / 4 != group) {
-                group = i / 4;
-                philox.counter.x = static_cast<unsigned>(group);
-                bits = philox();
+            for (int j = 0; j < kVec; ++j) {
+              const int i = (first_vec + v) * kVec + j;
+              const float p = weight(to_float(x[j]), max_logit, scale_log2);
+              if (p > drawn_lo && p >= drawn_floor && p > 0.f) {
+                if (i / 4 != group) {
+                  group = i / 4;
+                  philox.counter.x = static_cast<unsigned>(group);
+                  bits = philox();
+                }
+                const float key = random::exponential(pick(bits, i)) / p;
+                if (key < best_key || (key == best_key && i < best)) { best_key = key; best = i; best_p = p; }
               }
-              const float key = random::exponential(pick(bits, i)) / p;
-              if (key < best_key || (key == best_key && i < best)) { best_key = key; best = i; }
             }
           }
-        }
 #pragma unroll
-        for (int o = 16; o > 0; o /= 2) {
-          const float k2 = __shfl_xor_sync(0xffffffffu, best_key, o);
-          const int i2 = __shfl_xor_sync(0xffffffffu, best, o);
-          if (k2 < best_key || (k2 == best_key && i2 < best)) { best_key = k2; best = i2; }
+          for (int o = 16; o > 0; o /= 2) {
+            const float k2 = __shfl_xor_sync(0xffffffffu, best_key, o);
+            const int i2 = __shfl_xor_sync(0xffffffffu, best, o);
+            const float p2 = __shfl_xor_sync(0xffffffffu, best_p, o);
+            if (k2 < best_key || (k2 == best_key && i2 < best)) { best_key = k2; best = i2; best_p = p2; }
+          }
+          if (lane < kCluster)
+            *(kCluster > 1 ? cluster::map(&shared.candidate[warp], lane) : &shared.candidate[warp]) = Candidate{best, best_p};
         }
-        if (lane == 0) shared.candidate[warp] = best;
       }
-      __syncthreads();
+      group_sync();  // candidates are in every block; the published sums have been read
 #pragma unroll
       for (int d = 0; d < kDraws; ++d) {
-        candidate[d] = shared.candidate[d];
-        candidate_p[d] = candidate[d] == kNone ? 0.f : weight(to_float(p_row[candidate[d]]), max_logit, scale_log2);
-        if (candidate[d] == kNone) candidate[d] = -1;  // cannot happen: the chunk had mass
+        const Candidate c = shared.candidate[d];
+        candidate[d] = c.token == kNone ? -1 : c.token;  // kNone cannot happen: the chunk had mass
+        candidate_p[d] = c.p;
       }
-      __syncthreads();  // shared.candidate is rewritten next round
       if constexpr (kFilter == Filter::none) result = candidate[0];
       if constexpr (kFilter == Filter::min_p) {
         // Tested at once; after round 0 the draw is inside S, so round 1 always accepts.
@@ -376,7 +482,7 @@ struct Sampler {
       if (result < 0 && candidate[0] < 0 && kFilter == Filter::none) result = row_argmax;
     }
     if (result < 0) result = row_argmax;  // did not converge in kMaxRounds
-    if (threadIdx.x == 0) samples[row] = result;
+    if (my_rank == 0 && threadIdx.x == 0) samples[row] = result;
   }
 };
 

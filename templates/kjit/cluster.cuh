@@ -1,0 +1,59 @@
+// Thread-block clusters (sm_90) and the bulk copy engine, as small inline-PTX
+// helpers: kjit kernels do not depend on cooperative_groups.
+#pragma once
+
+namespace kjit::cluster {
+
+// Every thread of every block in the cluster arrives and waits. Release/acquire:
+// shared-memory writes into peer blocks before the barrier are visible after it.
+__device__ __forceinline__ void sync() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
+
+// The address of `local` (a __shared__ variable) in the cluster's block `rank`,
+// usable with ordinary loads and stores.
+template <typename T>
+__device__ __forceinline__ T* map(T* local, unsigned rank) {
+  unsigned long long out;
+  asm volatile("mapa.u64 %0, %1, %2;" : "=l"(out) : "l"(reinterpret_cast<unsigned long long>(local)), "r"(rank));
+  return reinterpret_cast<T*>(out);
+}
+
+}  // namespace kjit::cluster
+
+namespace kjit::bulk {
+
+__device__ __forceinline__ unsigned shared_address(const void* p) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+
+// An mbarrier that one thread arms with the bytes a bulk copy will deliver.
+__device__ __forceinline__ void barrier_init(unsigned long long* barrier, unsigned arrivals) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(shared_address(barrier)), "r"(arrivals) : "memory");
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // the copy engine sees the initialized barrier
+}
+__device__ __forceinline__ void barrier_expect_bytes(unsigned long long* barrier, unsigned bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(shared_address(barrier)), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void barrier_wait(unsigned long long* barrier, unsigned parity) {
+  unsigned done = 0;
+  while (!done) {
+    asm volatile(
+        "{\n\t.reg .pred p;\n\t"
+        "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n\t"
+        "selp.u32 %0, 1, 0, p;\n\t}"
+        : "=r"(done)
+        : "r"(shared_address(barrier)), "r"(parity)
+        : "memory");
+  }
+}
+
+// Global -> this block's shared memory; 16-byte aligned addresses, a multiple of 16 bytes.
+__device__ __forceinline__ void copy(void* shared_dst, const void* global_src, unsigned bytes, unsigned long long* barrier) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+                   shared_address(shared_dst)),
+               "l"(global_src), "r"(bytes), "r"(shared_address(barrier))
+               : "memory");
+}
+
+}  // namespace kjit::bulk
