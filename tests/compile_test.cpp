@@ -109,6 +109,32 @@ TEST_CASE("every sampling variant compiles for sm_90a", "[compile][sampling]") {
   for (const auto& f : failures) FAIL_CHECK(f);
 }
 
+TEST_CASE("every attention variant in a representative grid compiles for sm_90a", "[compile][attention]") {
+  std::vector<std::string> specs;
+  for (int head_dim : {64, 128, 256})
+    for (int group : {1, 4, 8, 16})
+      for (const char* layout : {"NHD", "HND"})
+        for (int page_size : {1, 16})
+          specs.push_back(fmt::format(
+              R"({{"op": "batch_decode", "num_qo_heads": {}, "num_kv_heads": 2, "head_dim": {}, "page_size": {}, "dtype": "bfloat16", "kv_layout": "{}"}})",
+              2 * group, head_dim, page_size, layout));
+  specs.push_back(R"({"op": "batch_decode", "num_qo_heads": 32, "num_kv_heads": 8, "head_dim": 128, "page_size": 64, "dtype": "float16", "logits_soft_cap": 50, "sliding_window": 4096, "return_lse": false})");
+  specs.push_back(R"({"op": "batch_decode", "num_qo_heads": 40, "num_kv_heads": 8, "head_dim": 128, "page_size": 32, "dtype": "bfloat16"})");  // group 5
+  for (const char* layout : {"NHD", "HND"})
+    for (int page_size : {1, 16, 32, 64})
+      specs.push_back(fmt::format(R"({{"op": "append_paged_kv_cache", "num_kv_heads": 8, "head_dim": 128, "page_size": {}, "dtype": "bfloat16", "kv_layout": "{}"}})",
+                                  page_size, layout));
+  for (const char* op : {"merge_state", "merge_states"})
+    for (const char* dtype : {"float32", "float16", "bfloat16"})
+      for (int head_dim : {64, 128, 256})
+        specs.push_back(fmt::format(R"({{"op": "{}", "num_heads": 32, "head_dim": {}, "dtype": "{}"}})", op, head_dim, dtype));
+  specs.push_back(R"({"op": "merge_states", "num_heads": 7, "head_dim": 256, "dtype": "float32", "out_dtype": "bfloat16"})");
+  auto [built, failures] = build_all(specs);
+  for (const auto& a : built)
+    if (a.info.spill_bytes != 0) failures.push_back(fmt::format("{}: spills {} bytes", a.info.spec, a.info.spill_bytes));
+  for (const auto& f : failures) FAIL_CHECK(f);
+}
+
 TEST_CASE("other archs compile, bad archs are refused", "[compile]") {
   kjit::Engine engine(memory_only());
   const std::string spec = R"({"op": "rmsnorm_fp8_quant", "hidden_size": 4096, "dtype": "bfloat16"})";

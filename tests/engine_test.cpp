@@ -1,6 +1,7 @@
 #include <catch2/catch.hpp>
 
 #include "api/kernel_state.hpp"
+#include "kjit/attention.hpp"
 #include "kjit/kjit.hpp"
 #include "runtime/driver.hpp"
 
@@ -99,4 +100,20 @@ TEST_CASE("dtype names", "[engine]") {
   for (auto d : {kjit::DType::float16, kjit::DType::bfloat16, kjit::DType::float32, kjit::DType::float8_e4m3, kjit::DType::int64})
     CHECK(kjit::parse_dtype(kjit::dtype_name(d)) == d);
   CHECK(kjit::dtype_size(kjit::DType::bfloat16) == 2);
+}
+
+TEST_CASE("decode plans split long KV only where the batch leaves the GPU idle", "[engine][attention]") {
+  auto chunks = [](std::int64_t batch, std::int64_t len, std::int64_t blocks_per_request) {
+    std::vector<std::int64_t> lengths(static_cast<std::size_t>(batch), len);
+    const kjit::DecodePlan p = kjit::plan_decode_split(lengths, blocks_per_request, 32, 128, 132);
+    CHECK(p.num_chunks * p.chunk_size >= len);  // the chunks cover every token
+    if (p.num_chunks > 1) CHECK(p.workspace_bytes >= static_cast<std::size_t>(batch * p.num_chunks * 32 * 129 * 4));
+    return p.num_chunks;
+  };
+  CHECK(chunks(64, 4096, 8) == 3);     // 512 blocks would be 1.3 waves of 396
+  CHECK(chunks(1, 32768, 8) == 45);    // one request: 360 blocks of ~730 tokens
+  CHECK(chunks(256, 1024, 8) == 2);
+  CHECK(chunks(1, 300, 8) == 1);       // too short to split
+  CHECK(chunks(396, 4096, 1) == 1);    // exactly one full wave
+  CHECK(chunks(0, 0, 8) == 1);         // an empty batch
 }

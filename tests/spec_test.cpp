@@ -103,7 +103,7 @@ TEST_CASE("spec refusals name the field, the value and what is allowed", "[spec]
         "top_k_top_p_sampling_from_probs, sampling_from_logits, top_k_sampling_from_logits, top_p_sampling_from_logits, "
         "min_p_sampling_from_logits, top_k_top_p_sampling_from_logits, top_k_renorm_probs, top_p_renorm_probs, "
         "top_k_mask_logits, "
-        "chain_speculative_sampling");
+        "chain_speculative_sampling, batch_decode, append_paged_kv_cache, merge_state, merge_states");
   CHECK(refusal(R"({"op": "rmsnorm", "dtype": "bfloat16"})") == "spec for op \"rmsnorm\": field \"hidden_size\" is missing");
   CHECK(refusal(R"({"op": "rmsnorm", "hidden_size": 4096, "dtype": "bfloat16", "eps": 1e-6})") ==
         "spec for op \"rmsnorm\": unknown field \"eps\"; fields of this op: dtype, hidden_size, vectors_per_thread");
@@ -132,6 +132,19 @@ TEST_CASE("spec refusals name the field, the value and what is allowed", "[spec]
         "the 204800 bytes of shared memory a block may use; use more blocks, or 0 to stream the row");
   CHECK(refusal(R"({"op": "top_p_sampling_from_probs", "vocab_size": 128256, "dtype": "float32", "blocks_per_row": 9})") ==
         "spec for op \"top_p_sampling_from_probs\": field \"blocks_per_row\" = 9 is out of range: allowed 0..8");
+  const std::string decode = R"("op": "batch_decode", "num_qo_heads": 32, "num_kv_heads": 8, "dtype": "bfloat16")";
+  CHECK(refusal("{" + decode + R"(, "head_dim": 96, "page_size": 16})") ==
+        "spec for op \"batch_decode\": field \"head_dim\" = 96 is not supported: allowed 64, 128, 256");
+  CHECK(refusal("{" + decode + R"(, "head_dim": 128, "page_size": 0})") ==
+        "spec for op \"batch_decode\": field \"page_size\" = 0 is out of range: allowed 1..1024");
+  CHECK(refusal(R"({"op": "batch_decode", "num_qo_heads": 32, "num_kv_heads": 6, "head_dim": 128, "page_size": 16, "dtype": "bfloat16"})") ==
+        "spec for op \"batch_decode\": field \"num_kv_heads\" = 6 does not divide num_qo_heads = 32");
+  CHECK_THAT(refusal("{" + decode + R"(, "head_dim": 128, "page_size": 16, "kv_dtype": "float8_e4m3"})"), Contains("kv_dtype"));
+  CHECK_THAT(refusal(R"({"op": "batch_decode", "num_qo_heads": 32, "num_kv_heads": 8, "head_dim": 128, "page_size": 16, "dtype": "float32"})"),
+             Contains("field \"dtype\""));
+  CHECK_THAT(refusal("{" + decode + R"(, "head_dim": 128, "page_size": 16, "kv_layout": "NDH"})"), Contains("field \"kv_layout\""));
+  CHECK(refusal(R"({"op": "merge_states", "num_heads": 8, "head_dim": 96, "dtype": "float32"})") ==
+        "spec for op \"merge_states\": field \"head_dim\" = 96 is not supported: head_dim / 4 must be a power of two");
   CHECK(refusal(R"([1, 2])") == "spec must be a JSON object, got array");
   CHECK(refusal(R"({"hidden_size": 4096})").find("spec has no \"op\" field") == 0);
   CHECK(refusal("{\"op\": \"rmsnorm\",\n \"hidden_size\": 4096,,}").find("spec is not valid JSON: parse error at line 2, column 22") == 0);
@@ -162,8 +175,16 @@ TEST_CASE("FlashInfer-Bench definitions import", "[spec][definition]") {
   CHECK(refusal(j.dump()) == "definition \"rmsnorm_h128\": axis \"hidden_size\" must be const for op type \"rmsnorm\"");
   j["axes"].erase("hidden_size");
   CHECK(refusal(j.dump()) == "definition \"rmsnorm_h128\": has no axis \"hidden_size\"");
-  std::string gqa = read(kSource + "/../shared/definitions/gqa_paged/gqa_paged_decode_h32_kv8_d128_ps1.json");
-  if (!gqa.empty()) CHECK_THAT(refusal(gqa), Contains("definition op type \"gqa\" is not supported; supported op types: rmsnorm, sampling"));
+  // FlashInfer-Bench's GQA definitions (where ../shared has them): paged decode builds
+  // batch_decode; prefill is refused by name; MLA is not supported.
+  const std::string shared = kSource + "/../shared/definitions/";
+  if (std::string gqa = read(shared + "gqa_paged/gqa_paged_decode_h32_kv8_d128_ps1.json"); !gqa.empty())
+    CHECK(plan(gqa).spec.dump() ==
+          R"({"dtype":"bfloat16","head_dim":128,"kv_layout":"NHD","num_kv_heads":8,"num_qo_heads":32,"op":"batch_decode","page_size":1,"return_lse":true})");
+  if (std::string prefill = read(shared + "gqa_paged/gqa_paged_prefill_causal_h32_kv8_d128_ps1.json"); !prefill.empty())
+    CHECK_THAT(refusal(prefill), Contains("only paged decode (no qo_indptr) is supported so far"));
+  if (std::string mla = read(shared + "mla_paged/mla_paged_decode_h16_ckv512_kpe64_ps1.json"); !mla.empty())
+    CHECK_THAT(refusal(mla), Contains("is not supported; supported op types: rmsnorm, sampling, gqa"));
 
   // Sampling definitions: per-row parameters, vocabulary from the const axis.
   const std::string sampling = kSource + "/tests/data/definitions/sampling/";

@@ -8,10 +8,14 @@
 #include <cstdio>
 #include <cstring>
 #include <cmath>
+#include <numeric>
 #include <random>
+
+#include <nlohmann/json.hpp>
 
 #include <fmt/format.h>
 
+#include "kjit/attention.hpp"
 #include "runtime/device_memory.hpp"
 
 namespace kjit::tools {
@@ -172,6 +176,58 @@ BenchResult bench_kernel(const Kernel& kernel, const std::map<std::string, std::
   r.median_us = median(times);
   r.min_us = *std::min_element(times.begin(), times.end());
   r.gbps = r.bytes / (r.median_us * 1e-6) / 1e9;
+  return r;
+}
+
+BenchResult bench_decode(Engine& engine, const std::string& spec, std::int64_t batch_size, std::int64_t kv_len,
+                         int iterations, std::string* plan_text) {
+  BatchDecode decode(engine, spec);
+  const KernelInfo& info = decode.decode_kernel().info();
+  const auto j = nlohmann::json::parse(info.spec);
+  const std::int64_t qo_heads = j["num_qo_heads"], kv_heads = j["num_kv_heads"], head_dim = j["head_dim"], page_size = j["page_size"];
+  const std::int64_t pages_per_request = (kv_len + page_size - 1) / page_size, pages = batch_size * pages_per_request;
+  std::vector<std::int32_t> indptr, last, indices(static_cast<std::size_t>(pages));
+  for (std::int64_t b = 0; b <= batch_size; ++b) indptr.push_back(static_cast<std::int32_t>(b * pages_per_request));
+  last.assign(static_cast<std::size_t>(batch_size), static_cast<std::int32_t>(kv_len - (pages_per_request - 1) * page_size));
+  std::iota(indices.begin(), indices.end(), 0);
+  std::mt19937 rng(7);
+  std::shuffle(indices.begin(), indices.end(), rng);  // pages scattered, as a server's allocator leaves them
+  const std::size_t cache_bytes = static_cast<std::size_t>(pages * page_size * kv_heads * head_dim) * 2;
+  const std::size_t q_bytes = static_cast<std::size_t>(batch_size * qo_heads * head_dim) * 2;
+  DeviceBuffer k(cache_bytes), v(cache_bytes), q(q_bytes), out(q_bytes), lse(static_cast<std::size_t>(batch_size * qo_heads) * 4);
+  std::vector<unsigned char> host(cache_bytes);
+  fill_random(host, DType::bfloat16, rng);  // finite values of either 16-bit type's range
+  k.upload(host.data());
+  v.upload(host.data());
+  host.resize(q_bytes);
+  fill_random(host, DType::bfloat16, rng);
+  q.upload(host.data());
+  DeviceBuffer d_indptr(indptr.size() * 4), d_last(last.size() * 4), d_indices(std::max<std::size_t>(indices.size() * 4, 4));
+  d_indptr.upload(indptr.data());
+  d_last.upload(last.data());
+  if (!indices.empty()) d_indices.upload(indices.data());
+  const DecodePlan plan = decode.plan(indptr, last);
+  DeviceBuffer workspace(std::max<std::size_t>(plan.workspace_bytes, 1));
+  const DecodeBuffers buffers{q.get(), k.get(), v.get(), static_cast<const std::int32_t*>(d_indptr.get()),
+                              static_cast<const std::int32_t*>(d_indices.get()), static_cast<const std::int32_t*>(d_last.get()),
+                              out.get(), static_cast<float*>(lse.get()), workspace.get()};
+  const bool return_lse = j["return_lse"];
+  DecodeBuffers b = buffers;
+  if (!return_lse) b.lse = nullptr;
+  const double sm_scale = 1.0 / std::sqrt(static_cast<double>(head_dim));
+  for (int i = 0; i < 5; ++i) decode.run(plan, b, sm_scale);
+  runtime::check(runtime::driver().ctx_synchronize(), "cuCtxSynchronize");
+  Events events;
+  std::vector<double> times;
+  for (int i = 0; i < iterations; ++i) times.push_back(events.time_ms([&] { decode.run(plan, b, sm_scale); }) * 1e3);
+  BenchResult r;
+  r.spec = info.spec;
+  r.shape = {{"batch_size", batch_size}, {"kv_len", kv_len}};
+  r.median_us = median(times);
+  r.min_us = *std::min_element(times.begin(), times.end());
+  r.bytes = static_cast<double>(2 * static_cast<std::size_t>(batch_size * kv_len * kv_heads * head_dim) * 2 + 2 * q_bytes);
+  r.gbps = r.bytes / (r.median_us * 1e-6) / 1e9;
+  if (plan_text) *plan_text = fmt::format("{} chunk(s) of {}", plan.num_chunks, plan.chunk_size);
   return r;
 }
 

@@ -25,6 +25,11 @@ struct BenchResult {
 BenchResult bench_kernel(const Kernel& kernel, const std::map<std::string, std::int64_t>& shape,
                          const std::map<std::string, double>& reals, int iterations);
 
+// Batch decode (plan + run) over a paged cache of batch_size requests of kv_len tokens
+// each, pages in shuffled order; bytes are the KV read once plus q and the output.
+BenchResult bench_decode(Engine& engine, const std::string& spec, std::int64_t batch_size, std::int64_t kv_len,
+                         int iterations, std::string* plan_text = nullptr);
+
 // Device-to-device copy of 1 GiB, counting bytes read plus written (GB/s).
 double copy_bandwidth_gbps();
 

@@ -225,6 +225,18 @@ int cmd_bench(const std::vector<std::string>& specs, const std::map<std::string,
   }
   for (const auto& k : kernels) {
     for (const auto& shape : combos) {
+      if (k.info().op == "batch_decode") {  // needs a valid page table: built by the decode bench
+        auto find = [&](const char* axis) {
+          auto it = shape.find(axis);
+          if (it == shape.end()) throw SpecError(fmt::format("benchmarking batch_decode needs --shape {}=N", axis));
+          return it->second;
+        };
+        std::string plan;
+        auto r = tools::bench_decode(engine, k.info().spec, find("batch_size"), find("kv_len"), iterations, &plan);
+        fmt::print("{:<72} {:>22} {:>10.2f} {:>9.0f} {:>6.1f}%  ({})\n", r.spec, fmt::format("batch_size={} kv_len={}",
+                   r.shape["batch_size"], r.shape["kv_len"]), r.median_us, r.gbps, 100 * r.gbps / copy, plan);
+        continue;
+      }
       auto r = tools::bench_kernel(k, shape, {}, iterations);
       std::string shape_text;
       for (const auto& [a, v] : r.shape) shape_text += fmt::format("{}{}={}", shape_text.empty() ? "" : " ", a, v);

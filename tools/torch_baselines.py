@@ -2,6 +2,7 @@
 # (median). GB/s counts one read of each input and one write of each output.
 #   python3 tools/torch_baselines.py norm       RMSNorm forms, 16384 rows
 #   python3 tools/torch_baselines.py sampling   sampling from 128256-wide softmax(3 N(0,1)) rows
+#   python3 tools/torch_baselines.py attention  SDPA decode on contiguous KV
 import statistics
 import sys
 
@@ -99,5 +100,17 @@ def sampling():
             print(f"{name + ' 128256 fp32':<44} {batch:>6} {t:>10.1f} {nbytes / (t * 1e-6) / 1e9:>8.0f}")
 
 
+def attention():
+    import torch.nn.functional as F
+    print(f"{'torch SDPA decode (contiguous KV), 32/8 heads d128 bf16':<60} {'median us':>10} {'GB/s':>8}")
+    for batch, kv_len in ((64, 4096), (1, 32768), (16, 8192), (256, 1024)):
+        q = torch.randn(batch, 32, 1, 128, dtype=torch.bfloat16, device=dev)
+        k = torch.randn(batch, 8, kv_len, 128, dtype=torch.bfloat16, device=dev)
+        v = torch.randn_like(k)
+        t = bench(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), iters=50, warm=10)
+        nbytes = 2 * k.numel() * 2 + 2 * q.numel() * 2
+        print(f"{f'batch {batch} kv {kv_len}':<60} {t:>10.1f} {nbytes / (t * 1e-6) / 1e9:>8.0f}")
+
+
 if __name__ == "__main__":
-    {"norm": norm, "sampling": sampling}[sys.argv[1] if len(sys.argv) > 1 else "norm"]()
+    {"norm": norm, "sampling": sampling, "attention": attention}[sys.argv[1] if len(sys.argv) > 1 else "norm"]()

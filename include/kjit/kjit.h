@@ -80,6 +80,26 @@ const char* kjit_kernel_info(const kjit_kernel* kernel);
  * *size receives the length needed (including the terminating NUL). */
 kjit_status kjit_render(kjit_engine* engine, const char* spec_json, char* buffer, size_t* size);
 
+/* Batch decode over a paged KV cache with a plan/run split (kjit/attention.hpp).
+ * plan: host copies of kv_indptr (batch_size + 1) and kv_last_page_len (batch_size);
+ * run: device pointers; lse may be NULL when the spec has "return_lse": false;
+ * workspace: plan.workspace_bytes of device memory (NULL when 0). */
+typedef struct kjit_batch_decode kjit_batch_decode;
+typedef struct kjit_decode_plan {
+  int64_t batch_size;
+  int64_t num_chunks;
+  int64_t chunk_size;
+  uint64_t workspace_bytes;
+} kjit_decode_plan;
+kjit_status kjit_batch_decode_create(kjit_engine* engine, const char* spec_json, kjit_batch_decode** out);
+void kjit_batch_decode_destroy(kjit_batch_decode* decode);
+kjit_status kjit_batch_decode_plan(const kjit_batch_decode* decode, const int32_t* kv_indptr,
+                                   const int32_t* kv_last_page_len, int64_t batch_size, kjit_decode_plan* out);
+kjit_status kjit_batch_decode_run(const kjit_batch_decode* decode, const kjit_decode_plan* plan, const void* q,
+                                  const void* k_cache, const void* v_cache, const int32_t* kv_indptr,
+                                  const int32_t* kv_indices, const int32_t* kv_last_page_len, void* output,
+                                  float* lse, void* workspace, double sm_scale, void* stream);
+
 const char* kjit_last_error(void);
 const char* kjit_version(void);
 

@@ -7,6 +7,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "kjit/attention.hpp"
 #include "kjit/kjit.hpp"
 
 struct kjit_engine {
@@ -16,6 +17,9 @@ struct kjit_engine {
 struct kjit_kernel {
   kjit::Kernel kernel;
   std::string info_json;
+};
+struct kjit_batch_decode {
+  kjit::BatchDecode decode;
 };
 
 namespace {
@@ -144,6 +148,43 @@ kjit_status kjit_render(kjit_engine* engine, const char* spec_json, char* buffer
     if (!buffer) return;
     if (capacity < source.size() + 1) throw kjit::ArgumentError("buffer too small: " + std::to_string(*size) + " bytes needed");
     std::memcpy(buffer, source.c_str(), source.size() + 1);
+  });
+}
+
+kjit_status kjit_batch_decode_create(kjit_engine* engine, const char* spec_json, kjit_batch_decode** out) {
+  if (!engine) return null_argument("engine");
+  if (!spec_json) return null_argument("spec_json");
+  if (!out) return null_argument("out");
+  *out = nullptr;
+  return guarded([&] { *out = new kjit_batch_decode{kjit::BatchDecode(engine->engine, spec_json)}; });
+}
+
+void kjit_batch_decode_destroy(kjit_batch_decode* decode) { delete decode; }
+
+kjit_status kjit_batch_decode_plan(const kjit_batch_decode* decode, const int32_t* kv_indptr,
+                                   const int32_t* kv_last_page_len, int64_t batch_size, kjit_decode_plan* out) {
+  if (!decode) return null_argument("decode");
+  if (!kv_indptr) return null_argument("kv_indptr");
+  if (!kv_last_page_len && batch_size > 0) return null_argument("kv_last_page_len");
+  if (!out) return null_argument("out");
+  return guarded([&] {
+    if (batch_size < 0) throw kjit::ArgumentError("batch_size is negative");
+    const auto n = static_cast<std::size_t>(batch_size);
+    const kjit::DecodePlan p = decode->decode.plan({kv_indptr, n + 1}, {kv_last_page_len, n});
+    *out = kjit_decode_plan{p.batch_size, p.num_chunks, p.chunk_size, p.workspace_bytes};
+  });
+}
+
+kjit_status kjit_batch_decode_run(const kjit_batch_decode* decode, const kjit_decode_plan* plan, const void* q,
+                                  const void* k_cache, const void* v_cache, const int32_t* kv_indptr,
+                                  const int32_t* kv_indices, const int32_t* kv_last_page_len, void* output,
+                                  float* lse, void* workspace, double sm_scale, void* stream) {
+  if (!decode) return null_argument("decode");
+  if (!plan) return null_argument("plan");
+  return guarded([&] {
+    const kjit::DecodePlan p{plan->batch_size, plan->num_chunks, plan->chunk_size, plan->workspace_bytes};
+    decode->decode.run(p, {q, k_cache, v_cache, kv_indptr, kv_indices, kv_last_page_len, output, lse, workspace}, sm_scale,
+                       stream);
   });
 }
 

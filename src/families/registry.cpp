@@ -6,12 +6,14 @@ namespace kjit::families {
 
 std::unique_ptr<Family> make_normalization_family();
 std::unique_ptr<Family> make_sampling_family();
+std::unique_ptr<Family> make_attention_family();
 
 std::vector<const Family*> all_families() {
   static const auto families = [] {
     std::vector<std::unique_ptr<Family>> list;
     list.push_back(make_normalization_family());
     list.push_back(make_sampling_family());
+    list.push_back(make_attention_family());
     return list;
   }();
   std::vector<const Family*> out;

@@ -1,0 +1,73 @@
+// Batch decode over a paged KV cache, with FlashInfer's plan/run split.
+//
+//   kjit::BatchDecode decode(engine, R"({"op": "batch_decode", "num_qo_heads": 32,
+//       "num_kv_heads": 8, "head_dim": 128, "page_size": 16, "dtype": "bfloat16"})");
+//   // Once per batch composition, from host copies of the page table:
+//   kjit::DecodePlan plan = decode.plan(kv_indptr_host, kv_last_page_len_host);
+//   // Every step: no host work beyond the launches' argument checks.
+//   decode.run(plan, {q, k_cache, v_cache, kv_indptr, kv_indices, kv_last_page_len,
+//                     output, lse, workspace}, sm_scale, stream);
+//
+// A plan splits each request's KV into chunks when the batch alone would leave the
+// GPU idle (few requests, long KV); the chunks' partial states are then merged by
+// a merge_states kernel. The workspace (plan.workspace_bytes of device memory, may
+// be null when 0) holds those partial states.
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <string_view>
+
+#include "kjit/kjit.hpp"
+
+#pragma GCC visibility push(default)
+
+namespace kjit {
+
+struct DecodePlan {
+  std::int64_t batch_size = 0;
+  std::int64_t num_chunks = 1;  // KV chunks per request, one block each
+  std::int64_t chunk_size = 1;  // tokens per chunk
+  std::size_t workspace_bytes = 0;
+};
+
+// Device pointers for one step; lse is null when the spec says "return_lse": false.
+struct DecodeBuffers {
+  const void* q;
+  const void* k_cache;
+  const void* v_cache;
+  const std::int32_t* kv_indptr;
+  const std::int32_t* kv_indices;
+  const std::int32_t* kv_last_page_len;
+  void* output;
+  float* lse;
+  void* workspace;
+};
+
+// The split rule by itself: requests of kv_lengths tokens (after any sliding window),
+// blocks_per_request blocks per chunk of one request, on a GPU of num_sms SMs.
+DecodePlan plan_decode_split(std::span<const std::int64_t> kv_lengths, std::int64_t blocks_per_request,
+                             std::int64_t num_qo_heads, std::int64_t head_dim, int num_sms);
+
+class BatchDecode {
+ public:
+  // A batch_decode spec; builds its decode kernel and the merge kernel it needs.
+  BatchDecode(Engine& engine, std::string_view spec_json);
+
+  // kv_indptr has batch_size + 1 entries, kv_last_page_len batch_size.
+  DecodePlan plan(std::span<const std::int32_t> kv_indptr, std::span<const std::int32_t> kv_last_page_len) const;
+  void run(const DecodePlan& plan, const DecodeBuffers& buffers, double sm_scale, void* stream = nullptr) const;
+
+  const Kernel& decode_kernel() const { return decode_; }
+  const Kernel& merge_kernel() const { return merge_; }
+
+ private:
+  Kernel decode_, merge_;
+  std::int64_t num_qo_heads_ = 0, head_dim_ = 0, page_size_ = 0, window_ = 0, blocks_per_request_ = 0;
+  bool return_lse_ = true;
+  int num_sms_ = 0;
+};
+
+}  // namespace kjit
+
+#pragma GCC visibility pop

@@ -1,0 +1,124 @@
+// BatchDecode: plan (host, once per batch composition) and run (two launches at most).
+#include "kjit/attention.hpp"
+
+#include <algorithm>
+#include <cmath>
+
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+#include "families/family.hpp"
+#include "runtime/driver.hpp"
+#include "spec/spec.hpp"
+
+namespace kjit {
+namespace {
+
+constexpr std::size_t kAlign = 256;
+std::size_t aligned(std::size_t bytes) { return (bytes + kAlign - 1) / kAlign * kAlign; }
+
+// Workspace: partial outputs [batch, chunk, head, dim], partial lse [batch, chunk, head],
+// and the merged lse [batch, head] when the caller does not want it.
+struct WorkspaceLayout {
+  std::size_t partial_output = 0, partial_lse = 0, merged_lse = 0, total = 0;
+};
+WorkspaceLayout workspace_layout(const DecodePlan& plan, std::int64_t heads, std::int64_t head_dim) {
+  WorkspaceLayout w;
+  if (plan.num_chunks <= 1) return w;
+  const auto rows = static_cast<std::size_t>(plan.batch_size * plan.num_chunks * heads);
+  w.partial_lse = aligned(rows * static_cast<std::size_t>(head_dim) * 4);
+  w.merged_lse = w.partial_lse + aligned(rows * 4);
+  w.total = w.merged_lse + aligned(static_cast<std::size_t>(plan.batch_size * heads) * 4);
+  return w;
+}
+
+}  // namespace
+
+DecodePlan plan_decode_split(std::span<const std::int64_t> kv_lengths, std::int64_t blocks_per_request,
+                             std::int64_t num_qo_heads, std::int64_t head_dim, int num_sms) {
+  DecodePlan plan;
+  plan.batch_size = static_cast<std::int64_t>(kv_lengths.size());
+  std::int64_t longest = 0;
+  for (std::int64_t len : kv_lengths) longest = std::max(longest, len);
+  plan.chunk_size = std::max<std::int64_t>(longest, 1);
+  // Blocks run in waves of `slots` (three decode blocks fit an SM). Splitting every
+  // request into c chunks gives batch * blocks_per_request * c blocks; take a c whose
+  // last wave is full enough (uniform lengths make every block take the same time), with
+  // chunks of at least 256 tokens (a chunk's partial state is written and read back).
+  const double slots = 3.0 * std::max(num_sms, 1);
+  auto fullness = [&](std::int64_t c) {
+    const double waves = static_cast<double>(plan.batch_size * blocks_per_request * c) / slots;
+    return waves / std::ceil(waves);
+  };
+  // The fewest chunks whose last wave is at least 90% full, else the fullest.
+  std::int64_t best = 1;
+  const std::int64_t most = std::min<std::int64_t>(std::max<std::int64_t>(longest / 256, 1), 1024);
+  for (std::int64_t c = 2; plan.batch_size > 0 && fullness(best) < 0.9 && c <= most; ++c)
+    if (fullness(c) > fullness(best)) best = c;
+  plan.num_chunks = best;
+  plan.chunk_size = (std::max<std::int64_t>(longest, 1) + best - 1) / best;
+  plan.workspace_bytes = workspace_layout(plan, num_qo_heads, head_dim).total;
+  return plan;
+}
+
+BatchDecode::BatchDecode(Engine& engine, std::string_view spec_json) {
+  decode_ = engine.get(spec_json);
+  const KernelInfo& info = decode_.info();
+  if (info.op != "batch_decode")
+    throw SpecError(fmt::format("BatchDecode needs a batch_decode spec, got op \"{}\"", info.op));
+  const auto spec = nlohmann::json::parse(info.spec);
+  num_qo_heads_ = spec["num_qo_heads"];
+  head_dim_ = spec["head_dim"];
+  page_size_ = spec["page_size"];
+  window_ = spec.value("sliding_window", std::int64_t{0});
+  return_lse_ = spec["return_lse"];
+  blocks_per_request_ = families::plan_spec(spec::parse_spec(info.spec)).launch.grid[2].constant;
+  merge_ = engine.get(nlohmann::json{{"op", "merge_states"},
+                                     {"num_heads", num_qo_heads_},
+                                     {"head_dim", head_dim_},
+                                     {"dtype", "float32"},
+                                     {"out_dtype", spec["dtype"]}}
+                          .dump());
+  num_sms_ = runtime::device_info(runtime::current_device()).multiprocessors;
+}
+
+DecodePlan BatchDecode::plan(std::span<const std::int32_t> kv_indptr, std::span<const std::int32_t> kv_last_page_len) const {
+  if (kv_indptr.size() != kv_last_page_len.size() + 1)
+    throw ArgumentError(fmt::format("BatchDecode::plan: kv_indptr has {} entries, kv_last_page_len {}; expected batch_size + 1 "
+                                    "and batch_size", kv_indptr.size(), kv_last_page_len.size()));
+  std::vector<std::int64_t> lengths(kv_last_page_len.size());
+  for (std::size_t b = 0; b < lengths.size(); ++b) {
+    const std::int64_t pages = kv_indptr[b + 1] - kv_indptr[b];
+    if (pages < 0) throw ArgumentError(fmt::format("BatchDecode::plan: kv_indptr decreases at request {}", b));
+    const std::int64_t last = kv_last_page_len[b];
+    if (pages > 0 && (last < 1 || last > page_size_))
+      throw ArgumentError(fmt::format("BatchDecode::plan: kv_last_page_len[{}] = {} is outside 1..{}", b, last, page_size_));
+    lengths[b] = pages > 0 ? (pages - 1) * page_size_ + last : 0;
+    if (window_ > 0) lengths[b] = std::min(lengths[b], window_);
+  }
+  return plan_decode_split(lengths, blocks_per_request_, num_qo_heads_, head_dim_, num_sms_);
+}
+
+void BatchDecode::run(const DecodePlan& plan, const DecodeBuffers& b, double sm_scale, void* stream) const {
+  const WorkspaceLayout w = workspace_layout(plan, num_qo_heads_, head_dim_);
+  if (w.total > 0 && !b.workspace)
+    throw ArgumentError(fmt::format("BatchDecode::run: the plan splits the KV into {} chunks and needs a workspace of {} bytes",
+                                    plan.num_chunks, w.total));
+  char* ws = static_cast<char*>(b.workspace);
+  void* partial_output = w.total ? ws + w.partial_output : nullptr;
+  void* partial_lse = w.total ? ws + w.partial_lse : nullptr;
+  const void* po = partial_output;
+  const void* pl = partial_lse;
+  if (return_lse_)
+    decode_.launch({b.q, b.k_cache, b.v_cache, b.kv_indptr, b.kv_indices, b.kv_last_page_len, b.output, b.lse, po, pl,
+                    plan.batch_size, plan.num_chunks, plan.chunk_size, sm_scale}, stream);
+  else
+    decode_.launch({b.q, b.k_cache, b.v_cache, b.kv_indptr, b.kv_indices, b.kv_last_page_len, b.output, po, pl,
+                    plan.batch_size, plan.num_chunks, plan.chunk_size, sm_scale}, stream);
+  if (plan.num_chunks > 1) {
+    void* merged_lse = return_lse_ ? static_cast<void*>(b.lse) : ws + w.merged_lse;
+    merge_.launch({partial_output, partial_lse, b.output, merged_lse, plan.batch_size, plan.num_chunks}, stream);
+  }
+}
+
+}  // namespace kjit

@@ -1,0 +1,221 @@
+// Attention over a paged KV cache (templates/kjit/decode.cuh, merge.cuh, paged_kv.cuh).
+//
+//   {"op": "batch_decode", "num_qo_heads": 32, "num_kv_heads": 8, "head_dim": 128,
+//    "page_size": 16, "dtype": "bfloat16"}
+//     fields: num_qo_heads (1..256), num_kv_heads (divides num_qo_heads), head_dim (64 |
+//     128 | 256), page_size (1..1024), dtype (float16 | bfloat16, q, KV and output),
+//     kv_layout (NHD | HND, default NHD), return_lse (default true), logits_soft_cap
+//     (>= 0, 0: none), sliding_window (tokens attended from the end, 0: all)
+//   {"op": "append_paged_kv_cache", "num_kv_heads": 8, "head_dim": 128, "page_size": 16,
+//    "dtype": "bfloat16"}    (kv_layout as above)
+//   {"op": "merge_states" | "merge_state", "num_heads": 32, "head_dim": 128,
+//    "dtype": "float32"}     (out_dtype: default dtype)
+//
+// batch_decode's split of long KV over several blocks is chosen at run time
+// (num_chunks, chunk_size; see kjit/attention.hpp for the planner): with more than one
+// chunk it writes float partial states that merge_states combines. FlashInfer-Bench
+// definitions of op type "gqa" at the decode stage build batch_decode.
+#include <fmt/format.h>
+
+#include "families/family.hpp"
+
+namespace kjit::families {
+namespace {
+
+constexpr DType kAttentionDTypes[] = {DType::float16, DType::bfloat16};
+constexpr DType kStateDTypes[] = {DType::float32, DType::float16, DType::bfloat16};
+constexpr std::int64_t kHeadDims[] = {64, 128, 256};
+constexpr std::string_view kLayouts[] = {"NHD", "HND"};
+// Query heads whose q and accumulators a thread holds (2 * 8 floats each). At
+// head_dim 256, 4 heads per block (two blocks per KV head) measured slower than 8
+// (49.8% vs 55.7% of copy bandwidth): the second read of the KV missed L2.
+constexpr int kMaxHeadsPerBlock = 8;
+
+std::vector<std::string> page_shape(const std::string& layout, std::int64_t page_size, std::int64_t kv_heads,
+                                    std::int64_t head_dim) {
+  const std::string ps = std::to_string(page_size), h = std::to_string(kv_heads), d = std::to_string(head_dim);
+  if (layout == "NHD") return {"num_pages", ps, h, d};
+  return {"num_pages", h, ps, d};
+}
+
+class AttentionFamily final : public Family {
+ public:
+  std::string_view name() const override { return "attention"; }
+  std::vector<std::string_view> ops() const override {
+    return {"batch_decode", "append_paged_kv_cache", "merge_state", "merge_states"};
+  }
+  std::vector<std::string_view> definition_op_types() const override { return {"gqa"}; }
+
+  // gqa_paged decode definitions: q [batch, heads, dim], k_cache/v_cache [pages,
+  // page_size, kv_heads, dim] (NHD), output and a base-2 lse.
+  nlohmann::json spec_from_definition(const spec::Definition& d) const override {
+    if (d.input("qo_indptr") || !d.input("kv_indices"))
+      throw SpecError(fmt::format("definition \"{}\": only paged decode (no qo_indptr) is supported so far", d.name));
+    return {{"op", "batch_decode"},
+            {"num_qo_heads", d.const_axis("num_qo_heads")},
+            {"num_kv_heads", d.const_axis("num_kv_heads")},
+            {"head_dim", d.const_axis("head_dim")},
+            {"page_size", d.const_axis("page_size")},
+            {"dtype", dtype_name(d.tensor_dtype("q"))},
+            {"return_lse", d.output("lse") != nullptr}};
+  }
+
+  KernelPlan plan(const spec::Spec& s) const override {
+    if (s.op == "batch_decode") return plan_decode(s);
+    if (s.op == "append_paged_kv_cache") return plan_append(s);
+    return plan_merge(s);
+  }
+
+ private:
+  KernelPlan plan_decode(const spec::Spec& s) const {
+    spec::FieldReader fields(s);
+    const std::int64_t qo_heads = fields.integer("num_qo_heads", 1, 256);
+    const std::int64_t kv_heads = fields.integer("num_kv_heads", 1, qo_heads);
+    if (qo_heads % kv_heads != 0)
+      fields.fail("num_kv_heads", fmt::format("= {} does not divide num_qo_heads = {}", kv_heads, qo_heads));
+    const std::int64_t head_dim = fields.integer_of("head_dim", kHeadDims);
+    const std::int64_t page_size = fields.integer("page_size", 1, 1024);
+    const DType dtype = fields.dtype("dtype", kAttentionDTypes);
+    const std::string layout = fields.choice("kv_layout", kLayouts, "NHD");
+    const bool return_lse = fields.boolean("return_lse", true);
+    const double soft_cap = fields.number("logits_soft_cap", 0, 1e6, 0.0);
+    const std::int64_t window = fields.integer("sliding_window", 0, std::numeric_limits<std::int32_t>::max(), 0);
+    fields.finish();
+
+    const std::int64_t group = qo_heads / kv_heads;
+    std::int64_t heads_per_block = 1;
+    for (std::int64_t h = 1; h <= std::min<std::int64_t>(group, kMaxHeadsPerBlock); ++h)
+      if (group % h == 0) heads_per_block = h;
+
+    KernelPlan plan;
+    plan.op = s.op;
+    plan.spec = {{"op", plan.op},         {"num_qo_heads", qo_heads}, {"num_kv_heads", kv_heads},
+                 {"head_dim", head_dim},  {"page_size", page_size},   {"dtype", dtype_name(dtype)},
+                 {"kv_layout", layout},   {"return_lse", return_lse}};
+    if (soft_cap > 0) plan.spec["logits_soft_cap"] = soft_cap;
+    if (window > 0) plan.spec["sliding_window"] = window;
+    plan.template_name = "batch_decode.cu.j2";
+    plan.entry = "kjit_batch_decode";
+
+    const std::string hq = std::to_string(qo_heads), d = std::to_string(head_dim);
+    auto& p = plan.params;
+    p.push_back(tensor_param("q", dtype, {"batch_size", hq, d}));
+    p.push_back(tensor_param("k_cache", dtype, page_shape(layout, page_size, kv_heads, head_dim)));
+    p.push_back(tensor_param("v_cache", dtype, page_shape(layout, page_size, kv_heads, head_dim)));
+    p.push_back(tensor_param("kv_indptr", DType::int32, {"batch_size_plus_one"}));
+    p.push_back(tensor_param("kv_indices", DType::int32, {"num_kv_indices"}));
+    p.push_back(tensor_param("kv_last_page_len", DType::int32, {"batch_size"}));
+    p.push_back(tensor_param("output", dtype, {"batch_size", hq, d}, Param::Access::write));
+    if (return_lse) p.push_back(tensor_param("lse", DType::float32, {"batch_size", hq}, Param::Access::write));
+    // Workspace for split KV, [batch, chunk, head(, dim)]; unused (may be null) with one chunk.
+    p.push_back(tensor_param("partial_output", DType::float32, {"batch_size", "num_chunks", hq, d}, Param::Access::write));
+    p.push_back(tensor_param("partial_lse", DType::float32, {"batch_size", "num_chunks", hq}, Param::Access::write));
+    p.push_back(integer_param("batch_size", 0, 65535));
+    p.push_back(integer_param("num_chunks", 1, 65535));
+    p.push_back(integer_param("chunk_size", 1, std::numeric_limits<std::int32_t>::max()));
+    p.push_back(real_param("sm_scale"));
+
+    plan.template_params = {{"num_qo_heads", qo_heads}, {"num_kv_heads", kv_heads}, {"head_dim", head_dim},
+                            {"page_size", page_size},   {"dtype", dtype_name(dtype)}, {"ctype", cuda_type(dtype)},
+                            {"kv_layout", layout},      {"return_lse", return_lse},   {"soft_cap", soft_cap},
+                            {"window", window},         {"heads_per_block", heads_per_block}};
+    plan.template_params["soft_cap_literal"] = fmt::format("{:.9e}f", soft_cap);  // a float literal however it prints
+    plan.launch.block[0] = 128;
+    plan.launch.dynamic_shared_bytes = 65536;  // the cp.async stages (Decode::kSharedBytes, asserted in the template)
+    plan.template_params["shared_bytes"] = plan.launch.dynamic_shared_bytes;
+    plan.launch.grid[0] = GridDim{param_index(p, "num_chunks"), 1};
+    plan.launch.grid[1] = GridDim{param_index(p, "batch_size"), 1};
+    plan.launch.grid[2] = GridDim{-1, 1, static_cast<std::uint32_t>(kv_heads * (group / heads_per_block))};
+    return plan;
+  }
+
+  KernelPlan plan_append(const spec::Spec& s) const {
+    spec::FieldReader fields(s);
+    const std::int64_t kv_heads = fields.integer("num_kv_heads", 1, 256);
+    const std::int64_t head_dim = fields.integer_of("head_dim", kHeadDims);
+    const std::int64_t page_size = fields.integer("page_size", 1, 1024);
+    const DType dtype = fields.dtype("dtype", kAttentionDTypes);
+    const std::string layout = fields.choice("kv_layout", kLayouts, "NHD");
+    fields.finish();
+
+    KernelPlan plan;
+    plan.op = s.op;
+    plan.spec = {{"op", plan.op},        {"num_kv_heads", kv_heads},   {"head_dim", head_dim},
+                 {"page_size", page_size}, {"dtype", dtype_name(dtype)}, {"kv_layout", layout}};
+    plan.template_name = "append_paged_kv_cache.cu.j2";
+    plan.entry = "kjit_append_paged_kv_cache";
+    const std::string hk = std::to_string(kv_heads), d = std::to_string(head_dim);
+    auto& p = plan.params;
+    p.push_back(tensor_param("append_key", dtype, {"nnz", hk, d}));
+    p.push_back(tensor_param("append_value", dtype, {"nnz", hk, d}));
+    p.push_back(tensor_param("batch_indices", DType::int32, {"nnz"}));
+    p.push_back(tensor_param("positions", DType::int32, {"nnz"}));
+    p.push_back(tensor_param("k_cache", dtype, page_shape(layout, page_size, kv_heads, head_dim), Param::Access::read_write));
+    p.push_back(tensor_param("v_cache", dtype, page_shape(layout, page_size, kv_heads, head_dim), Param::Access::read_write));
+    p.push_back(tensor_param("kv_indices", DType::int32, {"num_kv_indices"}));
+    p.push_back(tensor_param("kv_indptr", DType::int32, {"batch_size_plus_one"}));
+    p.push_back(tensor_param("kv_last_page_len", DType::int32, {"batch_size"}));
+    p.push_back(integer_param("nnz", 0, std::numeric_limits<std::int32_t>::max()));
+    p.push_back(integer_param("batch_size"));
+    const std::int64_t vectors = kv_heads * head_dim * static_cast<std::int64_t>(dtype_size(dtype)) / 16;
+    const std::int64_t threads = std::min<std::int64_t>(256, (vectors + 31) / 32 * 32);
+    plan.template_params = {{"num_kv_heads", kv_heads}, {"head_dim", head_dim}, {"page_size", page_size},
+                            {"dtype", dtype_name(dtype)}, {"ctype", cuda_type(dtype)}, {"kv_layout", layout},
+                            {"threads", threads}};
+    plan.launch.block[0] = static_cast<std::uint32_t>(threads);
+    plan.launch.grid[0] = GridDim{param_index(p, "nnz"), 1};
+    return plan;
+  }
+
+  KernelPlan plan_merge(const spec::Spec& s) const {
+    spec::FieldReader fields(s);
+    const std::int64_t heads = fields.integer("num_heads", 1, 1024);
+    const std::int64_t head_dim = fields.integer("head_dim", 1, 1024);
+    const DType dtype = fields.dtype("dtype", kStateDTypes);
+    const DType out_dtype = fields.dtype("out_dtype", kStateDTypes, dtype);
+    // A row's lane group is a power of two <= 32 threads, each moving vec elements.
+    const std::int64_t widest = std::max(dtype_size(dtype), dtype_size(out_dtype));
+    const std::int64_t vec = std::max<std::int64_t>(16 / widest, (head_dim + 31) / 32);
+    const std::int64_t lanes = head_dim / vec;
+    if (head_dim % vec != 0 || (lanes & (lanes - 1)) != 0)
+      fields.fail("head_dim", fmt::format("= {} is not supported: head_dim / {} must be a power of two", head_dim, vec));
+    fields.finish();
+
+    std::int64_t rows_per_block = 128 / lanes;  // a power of two dividing num_heads, so blocks never straddle tokens
+    while (heads % rows_per_block != 0) rows_per_block /= 2;
+
+    KernelPlan plan;
+    plan.op = s.op;
+    plan.spec = {{"op", plan.op}, {"num_heads", heads}, {"head_dim", head_dim}, {"dtype", dtype_name(dtype)},
+                 {"out_dtype", dtype_name(out_dtype)}};
+    plan.template_name = "merge_states.cu.j2";
+    plan.entry = fmt::format("kjit_{}", s.op);
+    const std::string h = std::to_string(heads), d = std::to_string(head_dim);
+    auto& p = plan.params;
+    if (s.op == "merge_state") {
+      p.push_back(tensor_param("v_a", dtype, {"seq_len", h, d}));
+      p.push_back(tensor_param("s_a", DType::float32, {"seq_len", h}));
+      p.push_back(tensor_param("v_b", dtype, {"seq_len", h, d}));
+      p.push_back(tensor_param("s_b", DType::float32, {"seq_len", h}));
+    } else {
+      p.push_back(tensor_param("v", dtype, {"seq_len", "num_states", h, d}));
+      p.push_back(tensor_param("s", DType::float32, {"seq_len", "num_states", h}));
+    }
+    p.push_back(tensor_param("v_merged", out_dtype, {"seq_len", h, d}, Param::Access::write));
+    p.push_back(tensor_param("s_merged", DType::float32, {"seq_len", h}, Param::Access::write));
+    p.push_back(integer_param("seq_len"));
+    if (s.op == "merge_states") p.push_back(integer_param("num_states", 0, std::numeric_limits<std::int32_t>::max()));
+    plan.template_params = {{"op", s.op},        {"num_heads", heads},          {"head_dim", head_dim},
+                            {"dtype", dtype_name(dtype)}, {"ctype", cuda_type(dtype)}, {"out_dtype", dtype_name(out_dtype)},
+                            {"out_ctype", cuda_type(out_dtype)}, {"vec", vec},  {"rows_per_block", rows_per_block}};
+    plan.launch.block[0] = static_cast<std::uint32_t>(rows_per_block * lanes);
+    plan.launch.grid[0] = GridDim{param_index(p, "seq_len"), 1, 1, heads / rows_per_block};
+    return plan;
+  }
+};
+
+}  // namespace
+
+std::unique_ptr<Family> make_attention_family() { return std::make_unique<AttentionFamily>(); }
+
+}  // namespace kjit::families

@@ -1,0 +1,221 @@
+// Batch decode over a paged KV cache: one query token per request, every query
+// head of a GQA group read against its KV head's pages once.
+//
+// Block (chunk, request, head group): the request's KV tokens in
+// [start + chunk * chunk_size, + chunk_size), for kHeads query heads that share one
+// KV head. kLanes threads hold one token's row (16 bytes each), so a block of 128
+// threads has 128 / kLanes token slots; each slot runs its own online softmax over
+// its tokens (kUnroll tokens per step), and the slots are merged through shared
+// memory at the end. The kernel is bound by bytes in flight: each thread copies the
+// K/V pieces it will use kStages - 1 steps ahead with cp.async into its own part of
+// shared memory (no barrier needed), and loads the page indices one step before that.
+//
+// Scores are kept in the log2 domain: s = log2(e) * sm_scale * q.k, or with a soft
+// cap c: s = log2(e) * c * tanh(sm_scale * q.k / c). The log-sum-exp written out is
+// base 2 (FlashInfer's convention): lse = log2(sum_t 2^s_t). A request or chunk with
+// no tokens gives o = 0 and lse = -inf.
+// With several chunks the block writes float partial (o, lse) to
+// [request, chunk, head] and merge_states combines them.
+#pragma once
+
+#include "kjit/common.cuh"
+#include "kjit/paged_kv.cuh"
+
+namespace kjit::attention {
+
+template <typename TQ, typename TKV, int kHeadDim, int kQoHeads, int kKvHeads, int kHeads, paged_kv::Layout kLayout,
+          int kPageSize, bool kSoftCap, int kWindow, bool kLse>
+struct BatchDecode {
+  using Cache = paged_kv::PagedKv<kLayout, kPageSize, kKvHeads, kHeadDim>;
+  static constexpr int kGroup = kQoHeads / kKvHeads;
+  static constexpr int kBlocksPerKvHead = kGroup / kHeads;
+  static constexpr int kVec = 16 / static_cast<int>(sizeof(TKV));
+  static constexpr int kLanes = kHeadDim / kVec;  // threads per token row
+  static constexpr int kThreads = 128;
+  static constexpr int kSlots = kThreads / kLanes;
+  static constexpr int kUnroll = 4;
+  static constexpr int kTile = kSlots * kUnroll;  // tokens per step of the block
+  static constexpr int kStages = 4;
+  // Dynamic shared memory: the copy stages, reused for merging the slots at the end.
+  static constexpr int kStageBytes = kStages * kUnroll * 2 * kThreads * 16;
+  static constexpr float kLog2e = 1.4426950408889634f;
+  static_assert(kQoHeads % kKvHeads == 0 && kGroup % kHeads == 0, "heads per block must divide the group");
+  static_assert(kHeadDim % kVec == 0 && kLanes <= 32 && 32 % kLanes == 0, "a token row must fit one warp");
+
+  struct Shared {
+    float m[kSlots][kHeads];
+    float l[kSlots][kHeads];
+    float acc[kSlots][kHeads][kHeadDim];
+  };
+  static constexpr int kSharedBytes = kStageBytes > static_cast<int>(sizeof(Shared)) ? kStageBytes : static_cast<int>(sizeof(Shared));
+
+  static __device__ __forceinline__ void copy_async(void* shared_dst, const void* global_src, bool valid) {
+    const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(shared_dst));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(global_src), "r"(valid ? 16 : 0) : "memory");
+  }
+
+  static __device__ __forceinline__ float lane_group_sum(float v) {
+#pragma unroll
+    for (int o = kLanes / 2; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+  }
+
+  static __device__ void run(const TQ* __restrict__ q, const TKV* __restrict__ k_cache, const TKV* __restrict__ v_cache,
+                             const int* __restrict__ kv_indptr, const int* __restrict__ kv_indices,
+                             const int* __restrict__ kv_last_page_len, TQ* __restrict__ o, float* __restrict__ lse,
+                             float* __restrict__ partial_o, float* __restrict__ partial_lse, int num_chunks, int chunk_size,
+                             float sm_scale, float soft_cap) {
+    const int chunk = blockIdx.x, b = blockIdx.y;
+    const int kv_head = blockIdx.z / kBlocksPerKvHead;
+    const int head0 = kv_head * kGroup + static_cast<int>(blockIdx.z % kBlocksPerKvHead) * kHeads;
+    const int lane = threadIdx.x % kLanes, slot = threadIdx.x / kLanes;
+    const int len = Cache::length(kv_indptr, kv_last_page_len, b);
+    const int first_page = kv_indptr[b];
+    const int begin = kWindow > 0 ? max(0, len - kWindow) : 0;
+    const int start = begin + chunk * chunk_size;
+    // The last chunk runs to the end, so a plan made for shorter requests still
+    // covers every token (only the balance suffers).
+    const int end = chunk == num_chunks - 1 ? len : min(len, start + chunk_size);
+
+    // The query, scaled so that q.k is the log2-domain score (or tanh's argument).
+    const float q_scale = kSoftCap ? sm_scale / soft_cap : sm_scale * kLog2e;
+    float qr[kHeads][kVec];
+#pragma unroll
+    for (int h = 0; h < kHeads; ++h) {
+      Vec<TQ, kVec> x;
+      x.load(q + (static_cast<long long>(b) * kQoHeads + head0 + h) * kHeadDim + lane * kVec);
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) qr[h][i] = to_float(x[i]) * q_scale;
+    }
+
+    float m[kHeads], l[kHeads], acc[kHeads][kVec];
+#pragma unroll
+    for (int h = 0; h < kHeads; ++h) {
+      m[h] = -__int_as_float(0x7f800000);
+      l[h] = 0.f;
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) acc[h][i] = 0.f;
+    }
+
+    // This thread's pieces: stage st, token u, K or V -> 16 bytes, consecutive threads adjacent.
+    extern __shared__ __align__(16) unsigned char dynamic_shared[];
+    auto piece = [&](int st, int u, int kv) {
+      return reinterpret_cast<Vec<TKV, kVec>*>(dynamic_shared) + ((st * kUnroll + u) * 2 + kv) * kThreads + threadIdx.x;
+    };
+    const int steps = start < end ? (end - start + kTile - 1) / kTile : 0;
+    int page[kUnroll];  // page of each token of the next step to copy
+    auto load_pages = [&](int step) {
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int t = start + step * kTile + u * kSlots + slot;
+        page[u] = step < steps && t < end ? kv_indices[first_page + t / kPageSize] : 0;
+      }
+    };
+    auto copy_step = [&](int step) {
+      if (step < steps) {
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          const int t = start + step * kTile + u * kSlots + slot;
+          const long long at = Cache::offset_in_page(page[u], t % kPageSize, kv_head) + lane * kVec;
+          copy_async(piece(step % kStages, u, 0), k_cache + at, t < end);
+          copy_async(piece(step % kStages, u, 1), v_cache + at, t < end);
+        }
+      }
+      asm volatile("cp.async.commit_group;" ::: "memory");  // one group per step, empty or not
+      load_pages(step + 1);
+    };
+    load_pages(0);
+#pragma unroll
+    for (int st = 0; st < kStages - 1; ++st) copy_step(st);
+
+    for (int step = 0; step < steps; ++step) {
+      copy_step(step + kStages - 1);  // into the stage the previous step has finished reading
+      asm volatile("cp.async.wait_group %0;" ::"n"(kStages - 1) : "memory");
+      const int t0 = start + step * kTile;
+      Vec<TKV, kVec> kx[kUnroll], vx[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        kx[u] = *piece(step % kStages, u, 0);  // zero-filled past the end
+        vx[u] = *piece(step % kStages, u, 1);
+      }
+      float s[kUnroll][kHeads];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const bool valid = t0 + u * kSlots + slot < end;
+#pragma unroll
+        for (int h = 0; h < kHeads; ++h) {
+          float dot = 0.f;
+#pragma unroll
+          for (int i = 0; i < kVec; ++i) dot = fmaf(qr[h][i], to_float(kx[u][i]), dot);
+          dot = lane_group_sum(dot);
+          if constexpr (kSoftCap) dot = soft_cap * kLog2e * tanhf(dot);
+          s[u][h] = valid ? dot : -__int_as_float(0x7f800000);
+        }
+      }
+#pragma unroll
+      for (int h = 0; h < kHeads; ++h) {
+        float tile_max = s[0][h];
+#pragma unroll
+        for (int u = 1; u < kUnroll; ++u) tile_max = fmaxf(tile_max, s[u][h]);
+        const float m_new = fmaxf(m[h], tile_max);
+        if (m_new == -__int_as_float(0x7f800000)) continue;  // no token of this slot yet
+        const float rescale = exp2f(m[h] - m_new);            // 0 while m is -inf
+        l[h] *= rescale;
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) acc[h][i] *= rescale;
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          const float p = exp2f(s[u][h] - m_new);
+          l[h] += p;
+#pragma unroll
+          for (int i = 0; i < kVec; ++i) acc[h][i] = fmaf(p, to_float(vx[u][i]), acc[h][i]);
+        }
+        m[h] = m_new;
+      }
+    }
+
+    asm volatile("cp.async.wait_group 0;" ::: "memory");
+    __syncthreads();  // the stages become the merge area
+
+    // Merge the slots: every slot's (m, l, acc) through shared memory.
+    Shared& shared = *reinterpret_cast<Shared*>(dynamic_shared);
+#pragma unroll
+    for (int h = 0; h < kHeads; ++h) {
+      if (lane == 0) { shared.m[slot][h] = m[h]; shared.l[slot][h] = l[h]; }
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) shared.acc[slot][h][lane * kVec + i] = acc[h][i];
+    }
+    __syncthreads();
+    const bool split = num_chunks > 1;
+    for (int e = threadIdx.x; e < kHeads * kHeadDim; e += kThreads) {
+      const int h = e / kHeadDim, d = e % kHeadDim;
+      float m_all = -__int_as_float(0x7f800000);
+#pragma unroll
+      for (int sl = 0; sl < kSlots; ++sl) m_all = fmaxf(m_all, shared.m[sl][h]);
+      float l_all = 0.f, o_all = 0.f;
+      if (m_all != -__int_as_float(0x7f800000)) {
+#pragma unroll
+        for (int sl = 0; sl < kSlots; ++sl) {
+          const float w = exp2f(shared.m[sl][h] - m_all);
+          l_all = fmaf(shared.l[sl][h], w, l_all);
+          o_all = fmaf(shared.acc[sl][h][d], w, o_all);
+        }
+      }
+      const float out = l_all > 0.f ? o_all / l_all : 0.f;
+      const float out_lse = l_all > 0.f ? m_all + log2f(l_all) : -__int_as_float(0x7f800000);
+      const long long head = head0 + h;
+      if (split) {
+        const long long row = (static_cast<long long>(b) * num_chunks + chunk) * kQoHeads + head;
+        partial_o[row * kHeadDim + d] = out;
+        if (d == 0) partial_lse[row] = out_lse;
+      } else {
+        const long long row = static_cast<long long>(b) * kQoHeads + head;
+        o[row * kHeadDim + d] = from_float<TQ>(out);
+        if constexpr (kLse)
+          if (d == 0) lse[row] = out_lse;
+      }
+    }
+  }
+};
+
+}  // namespace kjit::attention

@@ -1,0 +1,411 @@
+// Attention kernels against a float64 reference computed directly from the page
+// table: batch decode (plan/run and forced KV splits), page append, merge_state(s).
+// Outputs are poisoned (NaN) first, so an unwritten element fails.
+#include <catch2/catch.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <random>
+
+#include <fmt/format.h>
+
+#include "kjit/attention.hpp"
+#include "kjit/kjit.hpp"
+#include "reference.hpp"
+#include "runtime/device_memory.hpp"
+
+using kjit::runtime::DeviceMemory;
+using namespace kjit::test;
+
+namespace {
+
+kjit::Engine& engine() {
+  static kjit::Engine instance;
+  return instance;
+}
+
+void synchronize() { kjit::runtime::check(kjit::runtime::driver().ctx_synchronize(), "attention kernel"); }
+
+// 16-bit storage of either float type.
+struct Half16 {
+  bool bf16;
+  std::uint16_t encode(float x) const { return bf16 ? float_to_bf16(x) : float_to_half(x); }
+  float decode(std::uint16_t h) const { return bf16 ? bf16_to_float(h) : half_to_float(h); }
+};
+
+template <class T>
+DeviceMemory to_device(const std::vector<T>& host) {
+  DeviceMemory d(std::max<std::size_t>(host.size() * sizeof(T), 1));
+  if (!host.empty()) d.upload(host.data());
+  return d;
+}
+
+struct DecodeCase {
+  std::int64_t qo_heads, kv_heads, head_dim, page_size;
+  std::string layout = "NHD";
+  bool bf16 = true;
+  double soft_cap = 0;
+  std::int64_t window = 0;
+  bool return_lse = true;
+
+  std::string spec() const {
+    std::string s = fmt::format(
+        R"({{"op": "batch_decode", "num_qo_heads": {}, "num_kv_heads": {}, "head_dim": {}, "page_size": {}, "dtype": "{}", "kv_layout": "{}", "return_lse": {})",
+        qo_heads, kv_heads, head_dim, page_size, bf16 ? "bfloat16" : "float16", layout, return_lse);
+    if (soft_cap > 0) s += fmt::format(R"(, "logits_soft_cap": {})", soft_cap);
+    if (window > 0) s += fmt::format(R"(, "sliding_window": {})", window);
+    return s + "}";
+  }
+};
+
+// A paged cache holding `lengths` tokens per request, pages shuffled, plus unused pages.
+struct PagedBatch {
+  std::vector<std::int32_t> indptr{0}, indices, last_page_len;
+  std::int64_t num_pages = 0;
+  std::vector<std::uint16_t> k, v, q;  // 16-bit storage
+
+  // Element offset of (page, slot, head) in the cache, as the kernels lay it out.
+  std::int64_t offset(const DecodeCase& c, std::int64_t page, std::int64_t slot, std::int64_t head) const {
+    if (c.layout == "NHD") return ((page * c.page_size + slot) * c.kv_heads + head) * c.head_dim;
+    return ((page * c.kv_heads + head) * c.page_size + slot) * c.head_dim;
+  }
+  std::int64_t token_offset(const DecodeCase& c, std::int64_t b, std::int64_t t, std::int64_t head) const {
+    return offset(c, indices[static_cast<std::size_t>(indptr[static_cast<std::size_t>(b)] + t / c.page_size)], t % c.page_size, head);
+  }
+};
+
+PagedBatch make_batch(const DecodeCase& c, const std::vector<std::int64_t>& lengths, std::mt19937_64& rng) {
+  PagedBatch p;
+  std::int64_t pages = 0;
+  for (std::int64_t len : lengths) {
+    const std::int64_t n = (len + c.page_size - 1) / c.page_size;
+    pages += n;
+    p.indptr.push_back(static_cast<std::int32_t>(pages));
+    p.last_page_len.push_back(static_cast<std::int32_t>(n ? len - (n - 1) * c.page_size : 0));
+  }
+  p.num_pages = pages + 3;  // pages no request owns: never read
+  std::vector<std::int32_t> ids(static_cast<std::size_t>(p.num_pages));
+  std::iota(ids.begin(), ids.end(), 0);
+  std::shuffle(ids.begin(), ids.end(), rng);
+  p.indices.assign(ids.begin(), ids.begin() + pages);
+  const Half16 h{c.bf16};
+  std::normal_distribution<float> normal;
+  const auto cache_elements = static_cast<std::size_t>(p.num_pages * c.page_size * c.kv_heads * c.head_dim);
+  p.k.resize(cache_elements);
+  p.v.resize(cache_elements);
+  for (auto& x : p.k) x = h.encode(normal(rng));
+  for (auto& x : p.v) x = h.encode(normal(rng));
+  p.q.resize(lengths.size() * static_cast<std::size_t>(c.qo_heads * c.head_dim));
+  for (auto& x : p.q) x = h.encode(normal(rng));
+  return p;
+}
+
+struct Reference {
+  std::vector<double> o, lse;  // [batch, head, dim], [batch, head] (base 2)
+};
+
+Reference reference_decode(const DecodeCase& c, const PagedBatch& p, std::int64_t batch, double sm_scale) {
+  const Half16 h{c.bf16};
+  Reference r;
+  r.o.assign(static_cast<std::size_t>(batch * c.qo_heads * c.head_dim), 0.0);
+  r.lse.assign(static_cast<std::size_t>(batch * c.qo_heads), -INFINITY);
+  const std::int64_t group = c.qo_heads / c.kv_heads;
+  for (std::int64_t b = 0; b < batch; ++b) {
+    const std::int64_t pages = p.indptr[static_cast<std::size_t>(b + 1)] - p.indptr[static_cast<std::size_t>(b)];
+    const std::int64_t len = pages ? (pages - 1) * c.page_size + p.last_page_len[static_cast<std::size_t>(b)] : 0;
+    const std::int64_t begin = c.window > 0 ? std::max<std::int64_t>(0, len - c.window) : 0;
+    for (std::int64_t hq = 0; hq < c.qo_heads; ++hq) {
+      const std::int64_t hk = hq / group;
+      const std::uint16_t* q = &p.q[static_cast<std::size_t>((b * c.qo_heads + hq) * c.head_dim)];
+      std::vector<double> s;
+      for (std::int64_t t = begin; t < len; ++t) {
+        const std::int64_t at = p.token_offset(c, b, t, hk);
+        double dot = 0;
+        for (std::int64_t d = 0; d < c.head_dim; ++d) dot += double(h.decode(q[d])) * h.decode(p.k[static_cast<std::size_t>(at + d)]);
+        double x = dot * sm_scale;
+        if (c.soft_cap > 0) x = c.soft_cap * std::tanh(x / c.soft_cap);
+        s.push_back(x);
+      }
+      if (s.empty()) continue;
+      const double m = *std::max_element(s.begin(), s.end());
+      double sum = 0;
+      for (double x : s) sum += std::exp(x - m);
+      r.lse[static_cast<std::size_t>(b * c.qo_heads + hq)] = (m + std::log(sum)) / std::log(2.0);
+      double* o = &r.o[static_cast<std::size_t>((b * c.qo_heads + hq) * c.head_dim)];
+      for (std::int64_t t = begin; t < len; ++t) {
+        const double w = std::exp(s[static_cast<std::size_t>(t - begin)] - m) / sum;
+        const std::int64_t at = p.token_offset(c, b, t, hk);
+        for (std::int64_t d = 0; d < c.head_dim; ++d) o[d] += w * h.decode(p.v[static_cast<std::size_t>(at + d)]);
+      }
+    }
+  }
+  return r;
+}
+
+// Output (16-bit) and lse against the reference: relative L2 error and max-abs bounds.
+void check_against(const DecodeCase& c, const Reference& ref, const std::vector<std::uint16_t>& out,
+                   const std::vector<float>* lse, const std::string& what) {
+  const Half16 h{c.bf16};
+  double err2 = 0, ref2 = 0, max_abs = 0;
+  for (std::size_t i = 0; i < ref.o.size(); ++i) {
+    const double got = h.decode(out[i]);
+    REQUIRE_FALSE(std::isnan(got));  // every element written
+    err2 += (got - ref.o[i]) * (got - ref.o[i]);
+    ref2 += ref.o[i] * ref.o[i];
+    max_abs = std::max(max_abs, std::fabs(got - ref.o[i]));
+  }
+  INFO(what << ": |o - ref| / |ref| = " << std::sqrt(err2 / std::max(ref2, 1e-30)) << ", max abs " << max_abs);
+  CHECK(std::sqrt(err2) <= (c.bf16 ? 8e-3 : 2e-3) * std::sqrt(ref2) + 1e-6);
+  CHECK(max_abs <= (c.bf16 ? 2e-2 : 4e-3));
+  if (!lse) return;
+  double lse_err = 0;
+  for (std::size_t i = 0; i < ref.lse.size(); ++i) {
+    const double want = ref.lse[i], got = (*lse)[i];
+    if (std::isinf(want)) {
+      CHECK((std::isinf(got) && got < 0));
+      continue;
+    }
+    lse_err = std::max(lse_err, std::fabs(got - want) / std::max(1.0, std::fabs(want)));
+  }
+  INFO(what << ": max lse error " << lse_err);
+  CHECK(lse_err <= 1e-4);
+}
+
+struct DeviceBatch {
+  DeviceMemory q, k, v, indptr, indices, last, out, lse;
+  DeviceBatch(const DecodeCase& c, const PagedBatch& p, std::int64_t batch)
+      : q(to_device(p.q)), k(to_device(p.k)), v(to_device(p.v)), indptr(to_device(p.indptr)), indices(to_device(p.indices)),
+        last(to_device(p.last_page_len)), out(std::max<std::size_t>(static_cast<std::size_t>(batch * c.qo_heads * c.head_dim) * 2, 2)),
+        lse(std::max<std::size_t>(static_cast<std::size_t>(batch * c.qo_heads) * 4, 4)) {}
+  void poison() {
+    out.fill(0xff);
+    lse.fill(0xff);
+  }
+};
+
+// Runs a case through BatchDecode (its own plan), and with a forced split into
+// `forced_chunks` chunks (decode kernel + merge_states by hand); checks both.
+void run_decode_case(const DecodeCase& c, const std::vector<std::int64_t>& lengths, std::mt19937_64& rng, int forced_chunks = 3) {
+  const auto batch = static_cast<std::int64_t>(lengths.size());
+  PagedBatch p = make_batch(c, lengths, rng);
+  const double sm_scale = 1.0 / std::sqrt(static_cast<double>(c.head_dim));
+  const Reference ref = reference_decode(c, p, batch, sm_scale);
+  DeviceBatch d(c, p, batch);
+  kjit::BatchDecode decode(engine(), c.spec());
+  const std::string what = fmt::format("{} lengths[0..] {}{}", c.spec(), lengths[0], lengths.size() > 1 ? ",..." : "");
+
+  d.poison();
+  const kjit::DecodePlan plan = decode.plan(p.indptr, p.last_page_len);
+  DeviceMemory workspace(std::max<std::size_t>(plan.workspace_bytes, 1));
+  decode.run(plan, {d.q.get(), d.k.get(), d.v.get(), static_cast<const std::int32_t*>(d.indptr.get()),
+                    static_cast<const std::int32_t*>(d.indices.get()), static_cast<const std::int32_t*>(d.last.get()),
+                    d.out.get(), c.return_lse ? static_cast<float*>(d.lse.get()) : nullptr, workspace.get()},
+             sm_scale);
+  synchronize();
+  std::vector<float> lse = d.lse.download_as<float>();
+  check_against(c, ref, d.out.download_as<std::uint16_t>(), c.return_lse ? &lse : nullptr,
+                what + fmt::format(" (plan: {} chunks of {})", plan.num_chunks, plan.chunk_size));
+
+  // A forced split: chunks of ceil(longest / forced_chunks) tokens, merged.
+  std::int64_t longest = 1;
+  for (std::int64_t len : lengths) longest = std::max(longest, c.window > 0 ? std::min(len, c.window) : len);
+  kjit::DecodePlan split{batch, forced_chunks, (longest + forced_chunks - 1) / forced_chunks, 0};
+  split.workspace_bytes = static_cast<std::size_t>(batch * forced_chunks * c.qo_heads * (c.head_dim + 1) + batch * c.qo_heads) * 4 + 768;
+  DeviceMemory split_workspace(split.workspace_bytes);
+  d.poison();
+  decode.run(split, {d.q.get(), d.k.get(), d.v.get(), static_cast<const std::int32_t*>(d.indptr.get()),
+                     static_cast<const std::int32_t*>(d.indices.get()), static_cast<const std::int32_t*>(d.last.get()),
+                     d.out.get(), c.return_lse ? static_cast<float*>(d.lse.get()) : nullptr, split_workspace.get()},
+             sm_scale);
+  synchronize();
+  lse = d.lse.download_as<float>();
+  check_against(c, ref, d.out.download_as<std::uint16_t>(), c.return_lse ? &lse : nullptr,
+                what + fmt::format(" (forced split: {} chunks of {})", forced_chunks, split.chunk_size));
+}
+
+}  // namespace
+
+TEST_CASE("batch decode matches float64 attention over the page table", "[gpu][attention]") {
+  std::random_device device;
+  const std::uint64_t seed = (std::uint64_t{device()} << 32) | device();
+  INFO("seed " << seed);
+  std::mt19937_64 rng(seed);
+  // Batch 37: empty requests, lengths around page boundaries, a long one.
+  std::vector<std::int64_t> lengths = {0, 1, 15, 16, 17, 1000, 0, 33, 64, 65, 2, 300};
+  while (lengths.size() < 37) lengths.push_back(static_cast<std::int64_t>(rng() % 700));
+  for (std::int64_t head_dim : {64, 128, 256})
+    for (std::int64_t group : {1, 4, 8, 16})
+      for (const char* layout : {"NHD", "HND"})
+        for (std::int64_t page_size : {1, 16, 32, 64}) {
+          DecodeCase c{2 * group, 2, head_dim, page_size, layout};
+          run_decode_case(c, lengths, rng);
+        }
+}
+
+TEST_CASE("batch decode: batch 1, long KV split over blocks, and the spec options", "[gpu][attention]") {
+  std::mt19937_64 rng(11);
+  for (std::int64_t page_size : {1, 16}) run_decode_case({32, 8, 128, page_size}, {32768}, rng, 7);
+  run_decode_case({32, 8, 128, 16, "HND", false}, {5000, 1, 0, 4097}, rng);                // float16
+  run_decode_case({32, 8, 128, 16, "NHD", true, 30.0}, {3000, 17, 0}, rng);                  // soft cap
+  run_decode_case({32, 8, 128, 16, "NHD", true, 0, 100}, {3000, 17, 0, 100, 101}, rng);      // sliding window
+  run_decode_case({16, 16, 256, 32, "NHD", true, 0, 0, false}, {2000, 5, 0}, rng);          // no lse
+  run_decode_case({64, 4, 64, 64, "HND"}, {1, 2, 3}, rng);                                   // group 16, tiny
+}
+
+TEST_CASE("append_paged_kv_cache writes ragged tokens into their pages", "[gpu][attention]") {
+  std::mt19937_64 rng(5);
+  for (const char* layout : {"NHD", "HND"})
+    for (std::int64_t page_size : {1, 16, 64}) {
+      DecodeCase c{8, 4, 128, page_size, layout};
+      // Requests already hold `before` tokens; `added` are appended, so lengths grow.
+      const std::vector<std::int64_t> before = {0, 15, 16, 100, 3}, added = {5, 1, 17, 0, 40};
+      std::vector<std::int64_t> after(before.size());
+      for (std::size_t b = 0; b < before.size(); ++b) after[b] = before[b] + added[b];
+      PagedBatch p = make_batch(c, after, rng);
+      const Half16 h{c.bf16};
+      std::vector<std::int32_t> batch_indices, positions;
+      for (std::size_t b = 0; b < before.size(); ++b)
+        for (std::int64_t t = before[b]; t < after[b]; ++t) {
+          batch_indices.push_back(static_cast<std::int32_t>(b));
+          positions.push_back(static_cast<std::int32_t>(t));
+        }
+      // Two tokens with bad indices: skipped, never written anywhere.
+      batch_indices.push_back(99);
+      positions.push_back(0);
+      batch_indices.push_back(1);
+      positions.push_back(static_cast<std::int32_t>(after[1]));
+      const auto nnz = static_cast<std::int64_t>(positions.size());
+      std::vector<std::uint16_t> new_k(static_cast<std::size_t>(nnz * c.kv_heads * c.head_dim)), new_v(new_k.size());
+      std::normal_distribution<float> normal;
+      for (auto& x : new_k) x = h.encode(normal(rng));
+      for (auto& x : new_v) x = h.encode(normal(rng));
+      DeviceMemory dk = to_device(p.k), dv = to_device(p.v), dnk = to_device(new_k), dnv = to_device(new_v),
+                   dbi = to_device(batch_indices), dpos = to_device(positions), dind = to_device(p.indices),
+                   dptr = to_device(p.indptr), dlast = to_device(p.last_page_len);
+      kjit::Kernel append = engine().get(fmt::format(
+          R"({{"op": "append_paged_kv_cache", "num_kv_heads": {}, "head_dim": {}, "page_size": {}, "dtype": "bfloat16", "kv_layout": "{}"}})",
+          c.kv_heads, c.head_dim, page_size, layout));
+      append.launch({dnk.get(), dnv.get(), dbi.get(), dpos.get(), dk.get(), dv.get(), dind.get(), dptr.get(), dlast.get(), nnz,
+                     static_cast<std::int64_t>(before.size())});
+      synchronize();
+      // Expected: the old cache with each valid new token's rows in place.
+      std::vector<std::uint16_t> want_k = p.k, want_v = p.v;
+      for (std::int64_t i = 0; i + 2 < nnz; ++i)
+        for (std::int64_t hk = 0; hk < c.kv_heads; ++hk) {
+          const std::int64_t at = p.token_offset(c, batch_indices[static_cast<std::size_t>(i)], positions[static_cast<std::size_t>(i)], hk);
+          for (std::int64_t d = 0; d < c.head_dim; ++d) {
+            want_k[static_cast<std::size_t>(at + d)] = new_k[static_cast<std::size_t>((i * c.kv_heads + hk) * c.head_dim + d)];
+            want_v[static_cast<std::size_t>(at + d)] = new_v[static_cast<std::size_t>((i * c.kv_heads + hk) * c.head_dim + d)];
+          }
+        }
+      INFO(layout << " page " << page_size);
+      CHECK(dk.download_as<std::uint16_t>() == want_k);
+      CHECK(dv.download_as<std::uint16_t>() == want_v);
+    }
+}
+
+TEST_CASE("merge_state and merge_states equal one pass over all the keys", "[gpu][attention]") {
+  std::mt19937_64 rng(9);
+  std::normal_distribution<float> normal;
+  const std::int64_t heads = 6, dim = 128, seq = 33, states = 5;
+  // States as float32 values with base-2 lse; some empty (lse -inf, values garbage).
+  std::vector<float> v(static_cast<std::size_t>(seq * states * heads * dim)), s(static_cast<std::size_t>(seq * states * heads));
+  for (auto& x : v) x = normal(rng);
+  for (std::size_t i = 0; i < s.size(); ++i) s[i] = i % 7 == 3 ? -INFINITY : 4.f * normal(rng);
+  for (std::int64_t h = 0; h < heads; ++h)  // token 0, head h: every state empty when h == 0
+    for (std::int64_t st = 0; st < states; ++st) s[static_cast<std::size_t>(st * heads + h)] = h == 0 ? -INFINITY : s[static_cast<std::size_t>(st * heads + h)];
+  for (std::size_t i = 0; i < v.size(); ++i)
+    if (std::isinf(s[i / dim])) v[i] = std::nanf("");  // an empty state's values must not be read
+  auto reference = [&](std::int64_t t, std::int64_t h, std::int64_t first, std::int64_t count, std::vector<double>& o) -> double {
+    double m = -INFINITY;
+    for (std::int64_t st = first; st < first + count; ++st) m = std::max<double>(m, s[static_cast<std::size_t>((t * states + st) * heads + h)]);
+    o.assign(static_cast<std::size_t>(dim), 0.0);
+    if (std::isinf(m)) return -INFINITY;
+    double sum = 0;
+    for (std::int64_t st = first; st < first + count; ++st) {
+      const double w = std::exp2(s[static_cast<std::size_t>((t * states + st) * heads + h)] - m);
+      if (w == 0) continue;
+      sum += w;
+      for (std::int64_t d = 0; d < dim; ++d) o[static_cast<std::size_t>(d)] += w * v[static_cast<std::size_t>(((t * states + st) * heads + h) * dim + d)];
+    }
+    for (auto& x : o) x /= sum;
+    return m + std::log2(sum);
+  };
+  DeviceMemory dv = to_device(v), ds = to_device(s), out(static_cast<std::size_t>(seq * heads * dim) * 4), out_s(static_cast<std::size_t>(seq * heads) * 4);
+  out.fill(0xff);
+  out_s.fill(0xff);
+  engine().get(fmt::format(R"({{"op": "merge_states", "num_heads": {}, "head_dim": {}, "dtype": "float32"}})", heads, dim))
+      .launch({dv.get(), ds.get(), out.get(), out_s.get(), seq, states});
+  synchronize();
+  auto got = out.download_as<float>(), got_s = out_s.download_as<float>();
+  std::vector<double> o;
+  for (std::int64_t t = 0; t < seq; ++t)
+    for (std::int64_t h = 0; h < heads; ++h) {
+      const double lse = reference(t, h, 0, states, o);
+      const float g = got_s[static_cast<std::size_t>(t * heads + h)];
+      INFO("token " << t << " head " << h);
+      if (std::isinf(lse)) CHECK((std::isinf(g) && g < 0));
+      else CHECK(std::fabs(g - lse) <= 1e-5 * std::max(1.0, std::fabs(lse)));
+      for (std::int64_t d = 0; d < dim; ++d)
+        REQUIRE(std::fabs(got[static_cast<std::size_t>((t * heads + h) * dim + d)] - o[static_cast<std::size_t>(d)]) <= 1e-5);
+    }
+
+  // merge_state: states 1 and 3 of each token as two separate bf16 tensors.
+  std::vector<std::uint16_t> va(static_cast<std::size_t>(seq * heads * dim)), vb(va.size());
+  std::vector<float> sa(static_cast<std::size_t>(seq * heads)), sb(sa.size());
+  for (std::int64_t t = 0; t < seq; ++t)
+    for (std::int64_t h = 0; h < heads; ++h) {
+      sa[static_cast<std::size_t>(t * heads + h)] = s[static_cast<std::size_t>((t * states + 1) * heads + h)];
+      sb[static_cast<std::size_t>(t * heads + h)] = s[static_cast<std::size_t>((t * states + 3) * heads + h)];
+      for (std::int64_t d = 0; d < dim; ++d) {
+        va[static_cast<std::size_t>((t * heads + h) * dim + d)] = float_to_bf16(v[static_cast<std::size_t>(((t * states + 1) * heads + h) * dim + d)]);
+        vb[static_cast<std::size_t>((t * heads + h) * dim + d)] = float_to_bf16(v[static_cast<std::size_t>(((t * states + 3) * heads + h) * dim + d)]);
+      }
+    }
+  DeviceMemory dva = to_device(va), dvb = to_device(vb), dsa = to_device(sa), dsb = to_device(sb), out2(va.size() * 2);
+  out2.fill(0xff);
+  out_s.fill(0xff);
+  engine().get(fmt::format(R"({{"op": "merge_state", "num_heads": {}, "head_dim": {}, "dtype": "bfloat16"}})", heads, dim))
+      .launch({dva.get(), dsa.get(), dvb.get(), dsb.get(), out2.get(), out_s.get(), seq});
+  synchronize();
+  auto got2 = out2.download_as<std::uint16_t>();
+  got_s = out_s.download_as<float>();
+  for (std::int64_t t = 0; t < seq; ++t)
+    for (std::int64_t h = 0; h < heads; ++h) {
+      // Reference from the bf16-rounded inputs of states 1 and 3.
+      const double a = sa[static_cast<std::size_t>(t * heads + h)], b = sb[static_cast<std::size_t>(t * heads + h)];
+      const double m = std::max(a, b);
+      INFO("merge_state token " << t << " head " << h);
+      if (std::isinf(m)) {
+        CHECK((std::isinf(got_s[static_cast<std::size_t>(t * heads + h)]) && got_s[static_cast<std::size_t>(t * heads + h)] < 0));
+        CHECK(bf16_to_float(got2[static_cast<std::size_t>((t * heads + h) * dim)]) == 0.f);
+        continue;
+      }
+      const double wa = std::exp2(a - m), wb = std::exp2(b - m);
+      CHECK(std::fabs(got_s[static_cast<std::size_t>(t * heads + h)] - (m + std::log2(wa + wb))) <= 1e-5 * std::max(1.0, std::fabs(m)));
+      for (std::int64_t d = 0; d < dim; ++d) {
+        const std::size_t i = static_cast<std::size_t>((t * heads + h) * dim + d);
+        double want = 0;
+        if (wa > 0) want += wa * bf16_to_float(va[i]);
+        if (wb > 0) want += wb * bf16_to_float(vb[i]);
+        want /= wa + wb;
+        REQUIRE(std::fabs(bf16_to_float(got2[i]) - want) <= 8e-3 * std::max(1.0, std::fabs(want)));
+      }
+    }
+}
+
+TEST_CASE("batch decode refuses bad plans and arguments", "[gpu][attention]") {
+  kjit::BatchDecode decode(engine(), R"({"op": "batch_decode", "num_qo_heads": 8, "num_kv_heads": 2, "head_dim": 128, "page_size": 16, "dtype": "bfloat16"})");
+  const std::vector<std::int32_t> indptr = {0, 2, 1}, last = {16, 3};
+  CHECK_THROWS_WITH(decode.plan(indptr, last), Catch::Contains("kv_indptr decreases at request 1"));
+  const std::vector<std::int32_t> indptr2 = {0, 2}, last2 = {17};
+  CHECK_THROWS_WITH(decode.plan(indptr2, last2), Catch::Contains("kv_last_page_len[0] = 17 is outside 1..16"));
+  CHECK_THROWS_WITH(decode.plan(indptr2, std::vector<std::int32_t>{}), Catch::Contains("expected batch_size + 1"));
+  // A split plan without a workspace.
+  kjit::DecodePlan split{1, 4, 100, 4096};
+  CHECK_THROWS_WITH(decode.run(split, {nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr}, 0.1),
+                    Catch::Contains("needs a workspace"));
+  CHECK_THROWS_AS(kjit::BatchDecode(engine(), R"({"op": "merge_states", "num_heads": 8, "head_dim": 128, "dtype": "float32"})"),
+                  kjit::SpecError);
+}
