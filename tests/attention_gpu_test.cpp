@@ -41,6 +41,14 @@ DeviceMemory to_device(const std::vector<T>& host) {
   return d;
 }
 
+// The score options both spec kinds share, as spec text.
+std::string score_options(bool return_lse, double soft_cap, std::int64_t window) {
+  std::string s = fmt::format(R"(, "return_lse": {})", return_lse);
+  if (soft_cap > 0) s += fmt::format(R"(, "logits_soft_cap": {})", soft_cap);
+  if (window > 0) s += fmt::format(R"(, "sliding_window": {})", window);
+  return s + "}";
+}
+
 struct DecodeCase {
   std::int64_t qo_heads, kv_heads, head_dim, page_size;
   std::string layout = "NHD";
@@ -50,12 +58,10 @@ struct DecodeCase {
   bool return_lse = true;
 
   std::string spec() const {
-    std::string s = fmt::format(
-        R"({{"op": "batch_decode", "num_qo_heads": {}, "num_kv_heads": {}, "head_dim": {}, "page_size": {}, "dtype": "{}", "kv_layout": "{}", "return_lse": {})",
-        qo_heads, kv_heads, head_dim, page_size, bf16 ? "bfloat16" : "float16", layout, return_lse);
-    if (soft_cap > 0) s += fmt::format(R"(, "logits_soft_cap": {})", soft_cap);
-    if (window > 0) s += fmt::format(R"(, "sliding_window": {})", window);
-    return s + "}";
+    return fmt::format(
+               R"({{"op": "batch_decode", "num_qo_heads": {}, "num_kv_heads": {}, "head_dim": {}, "page_size": {}, "dtype": "{}", "kv_layout": "{}")",
+               qo_heads, kv_heads, head_dim, page_size, bf16 ? "bfloat16" : "float16", layout) +
+           score_options(return_lse, soft_cap, window);
   }
 };
 
@@ -408,4 +414,115 @@ TEST_CASE("batch decode refuses bad plans and arguments", "[gpu][attention]") {
                     Catch::Contains("needs a workspace"));
   CHECK_THROWS_AS(kjit::BatchDecode(engine(), R"({"op": "merge_states", "num_heads": 8, "head_dim": 128, "dtype": "float32"})"),
                   kjit::SpecError);
+}
+
+namespace {
+
+struct PrefillCase {
+  std::int64_t qo_heads, kv_heads, head_dim;
+  bool causal = true;
+  bool bf16 = true;
+  double soft_cap = 0;
+  std::int64_t window = 0;
+  bool return_lse = true;
+
+  std::string spec() const {
+    return fmt::format(
+               R"({{"op": "batch_prefill", "num_qo_heads": {}, "num_kv_heads": {}, "head_dim": {}, "dtype": "{}", "causal": {})",
+               qo_heads, kv_heads, head_dim, bf16 ? "bfloat16" : "float16", causal) +
+           score_options(return_lse, soft_cap, window);
+  }
+};
+
+// Ragged requests of (qo_len, kv_len) against float64 attention; outputs poisoned first.
+void run_prefill_case(const PrefillCase& c, const std::vector<std::pair<std::int64_t, std::int64_t>>& lengths, std::mt19937_64& rng) {
+  const Half16 h{c.bf16};
+  std::vector<std::int32_t> qo_indptr{0}, kv_indptr{0};
+  std::int64_t max_qo = 0;
+  for (auto [qo, kv] : lengths) {
+    qo_indptr.push_back(static_cast<std::int32_t>(qo_indptr.back() + qo));
+    kv_indptr.push_back(static_cast<std::int32_t>(kv_indptr.back() + kv));
+    max_qo = std::max(max_qo, qo);
+  }
+  const std::int64_t total_q = qo_indptr.back(), total_kv = kv_indptr.back();
+  std::normal_distribution<float> normal;
+  std::vector<std::uint16_t> q(static_cast<std::size_t>(total_q * c.qo_heads * c.head_dim)), k(static_cast<std::size_t>(total_kv * c.kv_heads * c.head_dim)), v(k.size());
+  for (auto& x : q) x = h.encode(normal(rng));
+  for (auto& x : k) x = h.encode(normal(rng));
+  for (auto& x : v) x = h.encode(normal(rng));
+  const double sm_scale = 1.0 / std::sqrt(static_cast<double>(c.head_dim));
+
+  Reference ref;
+  ref.o.assign(q.size(), 0.0);
+  ref.lse.assign(static_cast<std::size_t>(total_q * c.qo_heads), -INFINITY);
+  const std::int64_t group = c.qo_heads / c.kv_heads;
+  for (std::size_t b = 0; b < lengths.size(); ++b) {
+    const std::int64_t qo = lengths[b].first, kv = lengths[b].second, shift = kv - qo;
+    for (std::int64_t i = 0; i < qo; ++i)
+      for (std::int64_t hq = 0; hq < c.qo_heads; ++hq) {
+        const std::int64_t qi = qo_indptr[b] + i, hk = hq / group;
+        std::vector<double> s;
+        std::vector<std::int64_t> keys;
+        for (std::int64_t j = 0; j < kv; ++j) {
+          if (c.causal && j > i + shift) continue;
+          if (c.window > 0 && j <= i + shift - c.window) continue;
+          double dot = 0;
+          for (std::int64_t d = 0; d < c.head_dim; ++d)
+            dot += double(h.decode(q[static_cast<std::size_t>((qi * c.qo_heads + hq) * c.head_dim + d)])) *
+                   h.decode(k[static_cast<std::size_t>(((kv_indptr[b] + j) * c.kv_heads + hk) * c.head_dim + d)]);
+          double x = dot * sm_scale;
+          if (c.soft_cap > 0) x = c.soft_cap * std::tanh(x / c.soft_cap);
+          s.push_back(x);
+          keys.push_back(j);
+        }
+        if (s.empty()) continue;
+        const double m = *std::max_element(s.begin(), s.end());
+        double sum = 0;
+        for (double x : s) sum += std::exp(x - m);
+        ref.lse[static_cast<std::size_t>(qi * c.qo_heads + hq)] = (m + std::log(sum)) / std::log(2.0);
+        for (std::size_t n = 0; n < s.size(); ++n) {
+          const double w = std::exp(s[n] - m) / sum;
+          for (std::int64_t d = 0; d < c.head_dim; ++d)
+            ref.o[static_cast<std::size_t>((qi * c.qo_heads + hq) * c.head_dim + d)] +=
+                w * h.decode(v[static_cast<std::size_t>(((kv_indptr[b] + keys[n]) * c.kv_heads + hk) * c.head_dim + d)]);
+        }
+      }
+  }
+
+  DeviceMemory dq = to_device(q), dk = to_device(k), dv = to_device(v), dqi = to_device(qo_indptr), dki = to_device(kv_indptr);
+  DeviceMemory out(std::max<std::size_t>(q.size() * 2, 2)), lse(std::max<std::size_t>(ref.lse.size() * 4, 4));
+  out.fill(0xff);
+  lse.fill(0xff);
+  kjit::Kernel prefill = engine().get(c.spec());
+  const auto batch = static_cast<std::int64_t>(lengths.size());
+  if (c.return_lse)
+    prefill.launch({dq.get(), dk.get(), dv.get(), dqi.get(), dki.get(), out.get(), lse.get(), batch, max_qo, sm_scale});
+  else
+    prefill.launch({dq.get(), dk.get(), dv.get(), dqi.get(), dki.get(), out.get(), batch, max_qo, sm_scale});
+  synchronize();
+  const DecodeCase as_decode{c.qo_heads, c.kv_heads, c.head_dim, 1, "NHD", c.bf16};
+  std::vector<float> got_lse = lse.download_as<float>();
+  got_lse.resize(ref.lse.size());
+  check_against(as_decode, ref, out.download_as<std::uint16_t>(), c.return_lse ? &got_lse : nullptr, c.spec());
+}
+
+}  // namespace
+
+TEST_CASE("batch prefill matches float64 attention on ragged requests", "[gpu][attention][prefill]") {
+  std::random_device device;
+  const std::uint64_t seed = (std::uint64_t{device()} << 32) | device();
+  INFO("seed " << seed);
+  std::mt19937_64 rng(seed);
+  // (qo_len, kv_len): single tokens, tile edges, more keys than queries (chunked prefill),
+  // more queries than keys (early rows see nothing under the causal mask), empty requests.
+  const std::vector<std::pair<std::int64_t, std::int64_t>> lengths = {{1, 1}, {17, 17}, {64, 64}, {65, 100}, {130, 300},
+                                                                      {0, 5}, {5, 0}, {70, 40}, {200, 200}, {3, 257}};
+  for (std::int64_t head_dim : {64, 128, 256})
+    for (std::int64_t group : {1, 4, 8})
+      for (bool causal : {true, false}) run_prefill_case({2 * group, 2, head_dim, causal}, lengths, rng);
+  run_prefill_case({8, 2, 128, true, false}, lengths, rng);                    // float16
+  run_prefill_case({8, 2, 128, true, true, 30.0}, lengths, rng);               // soft cap
+  run_prefill_case({8, 2, 128, true, true, 0, 50}, lengths, rng);              // sliding window
+  run_prefill_case({8, 2, 256, false, true, 0, 0, false}, lengths, rng);       // no lse
+  run_prefill_case({32, 8, 128, true}, {{1000, 1000}}, rng);                   // one longer request
 }

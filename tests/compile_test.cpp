@@ -184,3 +184,18 @@ TEST_CASE("template overrides: template errors and compile errors point at their
   // The override is gone: the embedded template is used again.
   CHECK(engine.render(spec).find("kjit::norm::RmsNorm") != std::string::npos);
 }
+
+TEST_CASE("every prefill variant in a representative grid compiles for sm_90a", "[compile][attention]") {
+  std::vector<std::string> specs;
+  for (int head_dim : {64, 128, 256})
+    for (int group : {1, 4, 8})
+      for (bool causal : {true, false})
+        specs.push_back(fmt::format(
+            R"({{"op": "batch_prefill", "num_qo_heads": {}, "num_kv_heads": 4, "head_dim": {}, "dtype": "bfloat16", "causal": {}}})",
+            4 * group, head_dim, causal));
+  specs.push_back(R"({"op": "batch_prefill", "num_qo_heads": 32, "num_kv_heads": 8, "head_dim": 128, "dtype": "float16", "logits_soft_cap": 50, "sliding_window": 4096, "return_lse": false})");
+  auto [built, failures] = build_all(specs);
+  for (const auto& a : built)
+    if (a.info.spill_bytes != 0) failures.push_back(fmt::format("{}: spills {} bytes", a.info.spec, a.info.spill_bytes));
+  for (const auto& f : failures) FAIL_CHECK(f);
+}

@@ -103,7 +103,7 @@ TEST_CASE("spec refusals name the field, the value and what is allowed", "[spec]
         "top_k_top_p_sampling_from_probs, sampling_from_logits, top_k_sampling_from_logits, top_p_sampling_from_logits, "
         "min_p_sampling_from_logits, top_k_top_p_sampling_from_logits, top_k_renorm_probs, top_p_renorm_probs, "
         "top_k_mask_logits, "
-        "chain_speculative_sampling, batch_decode, append_paged_kv_cache, merge_state, merge_states");
+        "chain_speculative_sampling, batch_decode, batch_prefill, append_paged_kv_cache, merge_state, merge_states");
   CHECK(refusal(R"({"op": "rmsnorm", "dtype": "bfloat16"})") == "spec for op \"rmsnorm\": field \"hidden_size\" is missing");
   CHECK(refusal(R"({"op": "rmsnorm", "hidden_size": 4096, "dtype": "bfloat16", "eps": 1e-6})") ==
         "spec for op \"rmsnorm\": unknown field \"eps\"; fields of this op: dtype, hidden_size, vectors_per_thread");

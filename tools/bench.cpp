@@ -231,6 +231,51 @@ BenchResult bench_decode(Engine& engine, const std::string& spec, std::int64_t b
   return r;
 }
 
+BenchResult bench_prefill(Engine& engine, const std::string& spec, std::int64_t batch_size, std::int64_t seq_len,
+                          int iterations, double* tflops) {
+  Kernel prefill = engine.get(spec);
+  const KernelInfo& info = prefill.info();
+  const auto j = nlohmann::json::parse(info.spec);
+  const std::int64_t qo_heads = j["num_qo_heads"], kv_heads = j["num_kv_heads"], head_dim = j["head_dim"];
+  const bool causal = j["causal"], return_lse = j["return_lse"];
+  const std::int64_t tokens = batch_size * seq_len;
+  std::vector<std::int32_t> indptr;
+  for (std::int64_t b = 0; b <= batch_size; ++b) indptr.push_back(static_cast<std::int32_t>(b * seq_len));
+  std::mt19937 rng(3);
+  auto random_buffer = [&](std::size_t bytes) {
+    DeviceBuffer d(bytes);
+    std::vector<unsigned char> host(bytes);
+    fill_random(host, DType::bfloat16, rng);
+    d.upload(host.data());
+    return d;
+  };
+  DeviceBuffer q = random_buffer(static_cast<std::size_t>(tokens * qo_heads * head_dim) * 2);
+  DeviceBuffer k = random_buffer(static_cast<std::size_t>(tokens * kv_heads * head_dim) * 2);
+  DeviceBuffer v = random_buffer(static_cast<std::size_t>(tokens * kv_heads * head_dim) * 2);
+  DeviceBuffer out(static_cast<std::size_t>(tokens * qo_heads * head_dim) * 2), lse(static_cast<std::size_t>(tokens * qo_heads) * 4);
+  DeviceBuffer d_indptr(indptr.size() * 4);
+  d_indptr.upload(indptr.data());
+  const double sm_scale = 1.0 / std::sqrt(static_cast<double>(head_dim));
+  std::vector<Arg> args{q.get(), k.get(), v.get(), d_indptr.get(), d_indptr.get(), out.get()};
+  if (return_lse) args.emplace_back(static_cast<const void*>(lse.get()));
+  args.insert(args.end(), {Arg(batch_size), Arg(seq_len), Arg(sm_scale)});
+  for (int i = 0; i < 3; ++i) prefill.launch(args);
+  runtime::check(runtime::driver().ctx_synchronize(), "cuCtxSynchronize");
+  Events events;
+  std::vector<double> times;
+  for (int i = 0; i < iterations; ++i) times.push_back(events.time_ms([&] { prefill.launch(args); }) * 1e3);
+  BenchResult r;
+  r.spec = info.spec;
+  r.shape = {{"batch_size", batch_size}, {"seq_len", seq_len}};
+  r.median_us = median(times);
+  r.min_us = *std::min_element(times.begin(), times.end());
+  r.bytes = static_cast<double>(tokens * (2 * qo_heads + 2 * kv_heads) * head_dim * 2);
+  r.gbps = r.bytes / (r.median_us * 1e-6) / 1e9;
+  const double pairs = causal ? static_cast<double>(seq_len) * (seq_len + 1) / 2 : static_cast<double>(seq_len) * seq_len;
+  if (tflops) *tflops = 4.0 * head_dim * qo_heads * pairs * batch_size / (r.median_us * 1e-6) / 1e12;
+  return r;
+}
+
 double copy_bandwidth_gbps() {
   runtime::current_device();
   const std::size_t bytes = std::size_t(1) << 30;

@@ -30,6 +30,11 @@ BenchResult bench_kernel(const Kernel& kernel, const std::map<std::string, std::
 BenchResult bench_decode(Engine& engine, const std::string& spec, std::int64_t batch_size, std::int64_t kv_len,
                          int iterations, std::string* plan_text = nullptr);
 
+// Batch prefill over batch_size requests of seq_len queries and keys each (ragged
+// layout); `tflops` counts the multiply-adds of the visible (query, key) pairs.
+BenchResult bench_prefill(Engine& engine, const std::string& spec, std::int64_t batch_size, std::int64_t seq_len,
+                          int iterations, double* tflops);
+
 // Device-to-device copy of 1 GiB, counting bytes read plus written (GB/s).
 double copy_bandwidth_gbps();
 

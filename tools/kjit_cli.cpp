@@ -225,6 +225,15 @@ int cmd_bench(const std::vector<std::string>& specs, const std::map<std::string,
   }
   for (const auto& k : kernels) {
     for (const auto& shape : combos) {
+      if (k.info().op == "batch_prefill") {  // needs valid indptr arrays: built by the prefill bench
+        auto it = shape.find("seq_len"), bt = shape.find("batch_size");
+        if (it == shape.end() || bt == shape.end()) throw SpecError("benchmarking batch_prefill needs --shape batch_size=N --shape seq_len=N");
+        double tflops = 0;
+        auto r = tools::bench_prefill(engine, k.info().spec, bt->second, it->second, iterations, &tflops);
+        fmt::print("{:<72} {:>22} {:>10.2f} {:>9.1f} TFLOP/s\n", r.spec,
+                   fmt::format("batch_size={} seq_len={}", bt->second, it->second), r.median_us, tflops);
+        continue;
+      }
       if (k.info().op == "batch_decode") {  // needs a valid page table: built by the decode bench
         auto find = [&](const char* axis) {
           auto it = shape.find(axis);

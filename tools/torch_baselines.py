@@ -112,5 +112,17 @@ def attention():
         print(f"{f'batch {batch} kv {kv_len}':<60} {t:>10.1f} {nbytes / (t * 1e-6) / 1e9:>8.0f}")
 
 
+def prefill():
+    import torch.nn.functional as F
+    print(f"{'torch SDPA causal prefill, 32/8 heads d128 bf16':<60} {'median us':>10} {'TFLOP/s':>8}")
+    for batch, seq in ((1, 8192), (8, 1024), (1, 2048)):
+        q = torch.randn(batch, 32, seq, 128, dtype=torch.bfloat16, device=dev)
+        k = torch.randn(batch, 8, seq, 128, dtype=torch.bfloat16, device=dev)
+        v = torch.randn_like(k)
+        t = bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True), iters=20, warm=5)
+        flops = 4 * 128 * 32 * seq * (seq + 1) / 2 * batch
+        print(f"{f'batch {batch} seq {seq}':<60} {t:>10.1f} {flops / (t * 1e-6) / 1e12:>8.1f}")
+
+
 if __name__ == "__main__":
-    {"norm": norm, "sampling": sampling, "attention": attention}[sys.argv[1] if len(sys.argv) > 1 else "norm"]()
+    {"norm": norm, "sampling": sampling, "attention": attention, "prefill": prefill}[sys.argv[1] if len(sys.argv) > 1 else "norm"]()

@@ -6,6 +6,10 @@
 //     128 | 256), page_size (1..1024), dtype (float16 | bfloat16, q, KV and output),
 //     kv_layout (NHD | HND, default NHD), return_lse (default true), logits_soft_cap
 //     (>= 0, 0: none), sliding_window (tokens attended from the end, 0: all)
+//   {"op": "batch_prefill", "num_qo_heads": 32, "num_kv_heads": 8, "head_dim": 128,
+//    "dtype": "bfloat16"}    ragged queries and contiguous K/V by qo_indptr / kv_indptr (a
+//     single request is a batch of 1); causal (default true, aligned to the last key),
+//     return_lse, logits_soft_cap, sliding_window as for decode
 //   {"op": "append_paged_kv_cache", "num_kv_heads": 8, "head_dim": 128, "page_size": 16,
 //    "dtype": "bfloat16"}    (kv_layout as above)
 //   {"op": "merge_states" | "merge_state", "num_heads": 32, "head_dim": 128,
@@ -38,11 +42,44 @@ std::vector<std::string> page_shape(const std::string& layout, std::int64_t page
   return {"num_pages", h, ps, d};
 }
 
+// The fields decode and prefill share: heads, head_dim, dtype and the score options.
+struct AttentionFields {
+  std::int64_t qo_heads, kv_heads, head_dim;
+  DType dtype;
+  bool return_lse;
+  double soft_cap;
+  std::int64_t window;
+
+  static AttentionFields read(spec::FieldReader& fields) {
+    AttentionFields a;
+    a.qo_heads = fields.integer("num_qo_heads", 1, 256);
+    a.kv_heads = fields.integer("num_kv_heads", 1, a.qo_heads);
+    if (a.qo_heads % a.kv_heads != 0)
+      fields.fail("num_kv_heads", fmt::format("= {} does not divide num_qo_heads = {}", a.kv_heads, a.qo_heads));
+    a.head_dim = fields.integer_of("head_dim", kHeadDims);
+    a.dtype = fields.dtype("dtype", kAttentionDTypes);
+    a.return_lse = fields.boolean("return_lse", true);
+    a.soft_cap = fields.number("logits_soft_cap", 0, 1e6, 0.0);
+    a.window = fields.integer("sliding_window", 0, std::numeric_limits<std::int32_t>::max(), 0);
+    return a;
+  }
+  // Into the canonical spec (options only when set) and the template context.
+  void describe(nlohmann::json& spec, nlohmann::json& context) const {
+    spec.update({{"num_qo_heads", qo_heads}, {"num_kv_heads", kv_heads}, {"head_dim", head_dim},
+                 {"dtype", dtype_name(dtype)}, {"return_lse", return_lse}});
+    if (soft_cap > 0) spec["logits_soft_cap"] = soft_cap;
+    if (window > 0) spec["sliding_window"] = window;
+    context.update({{"num_qo_heads", qo_heads}, {"num_kv_heads", kv_heads}, {"head_dim", head_dim},
+                    {"dtype", dtype_name(dtype)}, {"ctype", cuda_type(dtype)}, {"return_lse", return_lse},
+                    {"soft_cap", soft_cap}, {"soft_cap_literal", fmt::format("{:.9e}f", soft_cap)}, {"window", window}});
+  }
+};
+
 class AttentionFamily final : public Family {
  public:
   std::string_view name() const override { return "attention"; }
   std::vector<std::string_view> ops() const override {
-    return {"batch_decode", "append_paged_kv_cache", "merge_state", "merge_states"};
+    return {"batch_decode", "batch_prefill", "append_paged_kv_cache", "merge_state", "merge_states"};
   }
   std::vector<std::string_view> definition_op_types() const override { return {"gqa"}; }
 
@@ -62,25 +99,56 @@ class AttentionFamily final : public Family {
 
   KernelPlan plan(const spec::Spec& s) const override {
     if (s.op == "batch_decode") return plan_decode(s);
+    if (s.op == "batch_prefill") return plan_prefill(s);
     if (s.op == "append_paged_kv_cache") return plan_append(s);
     return plan_merge(s);
   }
 
  private:
+  KernelPlan plan_prefill(const spec::Spec& s) const {
+    spec::FieldReader fields(s);
+    const AttentionFields a = AttentionFields::read(fields);
+    const bool causal = fields.boolean("causal", true);
+    fields.finish();
+    const auto [qo_heads, kv_heads, head_dim, dtype, return_lse, soft_cap, window] = a;
+
+    KernelPlan plan;
+    plan.op = s.op;
+    plan.spec = {{"op", plan.op}, {"causal", causal}};
+    a.describe(plan.spec, plan.template_params);
+    plan.template_name = "batch_prefill.cu.j2";
+    plan.entry = "kjit_batch_prefill";
+    const std::string hq = std::to_string(qo_heads), hk = std::to_string(kv_heads), d = std::to_string(head_dim);
+    auto& p = plan.params;
+    p.push_back(tensor_param("q", dtype, {"total_q", hq, d}));
+    p.push_back(tensor_param("k", dtype, {"total_kv", hk, d}));
+    p.push_back(tensor_param("v", dtype, {"total_kv", hk, d}));
+    p.push_back(tensor_param("qo_indptr", DType::int32, {"batch_size_plus_one"}));
+    p.push_back(tensor_param("kv_indptr", DType::int32, {"batch_size_plus_one"}));
+    p.push_back(tensor_param("output", dtype, {"total_q", hq, d}, Param::Access::write));
+    if (return_lse) p.push_back(tensor_param("lse", DType::float32, {"total_q", hq}, Param::Access::write));
+    p.push_back(integer_param("batch_size", 0, 65535));
+    p.push_back(integer_param("max_qo_len", 0, std::numeric_limits<std::int32_t>::max()));  // the longest request's queries
+    p.push_back(real_param("sm_scale"));
+
+    // 64 query rows per block; K/V tiles of 64 keys (32 at head_dim 256), double-buffered.
+    const std::int64_t rows = 64, keys = head_dim <= 128 ? 64 : 32;
+    plan.template_params.update({{"causal", causal}, {"rows_per_block", rows}, {"shared_bytes", (rows + 4 * keys) * head_dim * 2}});
+    plan.launch.block[0] = 128;
+    plan.launch.dynamic_shared_bytes = static_cast<std::uint32_t>((rows + 4 * keys) * head_dim * 2);
+    plan.launch.grid[0] = GridDim{param_index(p, "max_qo_len"), rows};
+    plan.launch.grid[1] = GridDim{-1, 1, static_cast<std::uint32_t>(qo_heads)};
+    plan.launch.grid[2] = GridDim{param_index(p, "batch_size"), 1};
+    return plan;
+  }
+
   KernelPlan plan_decode(const spec::Spec& s) const {
     spec::FieldReader fields(s);
-    const std::int64_t qo_heads = fields.integer("num_qo_heads", 1, 256);
-    const std::int64_t kv_heads = fields.integer("num_kv_heads", 1, qo_heads);
-    if (qo_heads % kv_heads != 0)
-      fields.fail("num_kv_heads", fmt::format("= {} does not divide num_qo_heads = {}", kv_heads, qo_heads));
-    const std::int64_t head_dim = fields.integer_of("head_dim", kHeadDims);
+    const AttentionFields a = AttentionFields::read(fields);
     const std::int64_t page_size = fields.integer("page_size", 1, 1024);
-    const DType dtype = fields.dtype("dtype", kAttentionDTypes);
     const std::string layout = fields.choice("kv_layout", kLayouts, "NHD");
-    const bool return_lse = fields.boolean("return_lse", true);
-    const double soft_cap = fields.number("logits_soft_cap", 0, 1e6, 0.0);
-    const std::int64_t window = fields.integer("sliding_window", 0, std::numeric_limits<std::int32_t>::max(), 0);
     fields.finish();
+    const auto [qo_heads, kv_heads, head_dim, dtype, return_lse, soft_cap, window] = a;
 
     const std::int64_t group = qo_heads / kv_heads;
     std::int64_t heads_per_block = 1;
@@ -89,11 +157,8 @@ class AttentionFamily final : public Family {
 
     KernelPlan plan;
     plan.op = s.op;
-    plan.spec = {{"op", plan.op},         {"num_qo_heads", qo_heads}, {"num_kv_heads", kv_heads},
-                 {"head_dim", head_dim},  {"page_size", page_size},   {"dtype", dtype_name(dtype)},
-                 {"kv_layout", layout},   {"return_lse", return_lse}};
-    if (soft_cap > 0) plan.spec["logits_soft_cap"] = soft_cap;
-    if (window > 0) plan.spec["sliding_window"] = window;
+    plan.spec = {{"op", plan.op}, {"page_size", page_size}, {"kv_layout", layout}};
+    a.describe(plan.spec, plan.template_params);
     plan.template_name = "batch_decode.cu.j2";
     plan.entry = "kjit_batch_decode";
 
@@ -115,11 +180,7 @@ class AttentionFamily final : public Family {
     p.push_back(integer_param("chunk_size", 1, std::numeric_limits<std::int32_t>::max()));
     p.push_back(real_param("sm_scale"));
 
-    plan.template_params = {{"num_qo_heads", qo_heads}, {"num_kv_heads", kv_heads}, {"head_dim", head_dim},
-                            {"page_size", page_size},   {"dtype", dtype_name(dtype)}, {"ctype", cuda_type(dtype)},
-                            {"kv_layout", layout},      {"return_lse", return_lse},   {"soft_cap", soft_cap},
-                            {"window", window},         {"heads_per_block", heads_per_block}};
-    plan.template_params["soft_cap_literal"] = fmt::format("{:.9e}f", soft_cap);  // a float literal however it prints
+    plan.template_params.update({{"page_size", page_size}, {"kv_layout", layout}, {"heads_per_block", heads_per_block}});
     plan.launch.block[0] = 128;
     plan.launch.dynamic_shared_bytes = 65536;  // the cp.async stages (Decode::kSharedBytes, asserted in the template)
     plan.template_params["shared_bytes"] = plan.launch.dynamic_shared_bytes;

@@ -1,0 +1,214 @@
+// Prefill attention over ragged contiguous K/V with tensor cores (mma.sync m16n8k16,
+// FlashAttention-2's split: each warp owns 16 query rows of a 64-row block and keeps
+// its scores, probabilities and output in registers).
+//
+// Request b has queries [qo_indptr[b], qo_indptr[b + 1]) and keys/values
+// [kv_indptr[b], kv_indptr[b + 1]) of q [tokens, qo_heads, dim] and k, v [tokens,
+// kv_heads, dim]. Causal masking is aligned to the end (query i of qo_len sees keys
+// j <= i + kv_len - qo_len), as for chunked prefill; a sliding window W keeps keys
+// j > i + kv_len - qo_len - W. Scores, soft cap and the base-2 lse are as in decode.
+//
+// Block (query tile, head, request): Q tile in shared memory, K/V tiles of kKeys keys
+// double-buffered with cp.async; rows are swizzled (16-byte chunk c of row r stored at
+// chunk c ^ (r % 8)) so ldmatrix reads 8 rows without bank conflicts.
+#pragma once
+
+#include "kjit/mma.cuh"
+
+namespace kjit::attention {
+
+template <typename T, int kHeadDim, int kQoHeads, int kKvHeads, bool kCausal, bool kSoftCap, int kWindow, bool kLse>
+struct BatchPrefill {
+  static constexpr int kWarps = 4;
+  static constexpr int kThreads = 32 * kWarps;
+  static constexpr int kRows = 16 * kWarps;                // query rows per block
+  static constexpr int kKeys = kHeadDim <= 128 ? 64 : 32;  // keys per tile
+  static constexpr int kChunks = kHeadDim / 8;             // 16-byte chunks per row
+  static constexpr int kGroup = kQoHeads / kKvHeads;
+  static constexpr bool kQInRegisters = kHeadDim <= 128;   // else reloaded from shared memory
+  static constexpr int kSharedBytes = (kRows + 4 * kKeys) * kHeadDim * 2;
+  static constexpr float kLog2e = 1.4426950408889634f;
+  static_assert(sizeof(T) == 2, "16-bit inputs");
+  static_assert(kHeadDim % 64 == 0, "head_dim 64, 128 or 256");
+
+  static __device__ __forceinline__ int swizzled(int row, int chunk) { return row * kHeadDim + ((chunk ^ (row % 8)) * 8); }
+
+  // rows [first, first + count) of a [tokens, heads, dim] tensor (head `head`) into a tile;
+  // rows past `valid` are zero-filled.
+  template <int kTileRows>
+  static __device__ __forceinline__ void copy_tile(T* tile, const T* base, int heads, int head, int first, int valid) {
+#pragma unroll
+    for (int i = threadIdx.x; i < kTileRows * kChunks; i += kThreads) {
+      const int row = i / kChunks, chunk = i % kChunks;
+      const bool ok = first + row < valid;
+      const T* src = base + (static_cast<long long>(ok ? first + row : 0) * heads + head) * kHeadDim + chunk * 8;
+      mma::copy_async(tile + swizzled(row, chunk), src, ok);
+    }
+  }
+
+  static __device__ void run(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+                             const int* __restrict__ qo_indptr, const int* __restrict__ kv_indptr, T* __restrict__ o,
+                             float* __restrict__ lse, float sm_scale, float soft_cap) {
+    const float kNegInf = -__int_as_float(0x7f800000);
+    extern __shared__ __align__(128) unsigned char dynamic_shared[];
+    T* q_tile = reinterpret_cast<T*>(dynamic_shared);
+    T* k_tiles = q_tile + kRows * kHeadDim;      // [2][kKeys][kHeadDim]
+    T* v_tiles = k_tiles + 2 * kKeys * kHeadDim;  // [2][kKeys][kHeadDim]
+
+    const int tile = gridDim.x - 1 - blockIdx.x;  // the longest causal tiles first
+    const int head = blockIdx.y, b = blockIdx.z;
+    const int kv_head = head / kGroup;
+    const int q_begin = qo_indptr[b], qo_len = qo_indptr[b + 1] - q_begin;
+    const int kv_begin = kv_indptr[b], kv_len = kv_indptr[b + 1] - kv_begin;
+    const int row0 = tile * kRows;
+    if (row0 >= qo_len) return;
+    const int shift = kv_len - qo_len;
+    const int last_row = min(row0 + kRows, qo_len) - 1;
+    const int key_end = kCausal ? max(0, min(kv_len, last_row + shift + 1)) : kv_len;
+    const int key_begin = kWindow > 0 ? max(0, row0 + shift - kWindow + 1) : 0;
+    const int first_tile = key_begin / kKeys;
+    const int end_tile = (key_end + kKeys - 1) / kKeys;
+
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int g = lane / 4, t = lane % 4;
+    const T* k_head = k + static_cast<long long>(kv_begin) * kKvHeads * kHeadDim;
+    const T* v_head = v + static_cast<long long>(kv_begin) * kKvHeads * kHeadDim;
+
+    copy_tile<kRows>(q_tile, q + static_cast<long long>(q_begin) * kQoHeads * kHeadDim, kQoHeads, head, row0, qo_len);
+    if (first_tile < end_tile) {
+      copy_tile<kKeys>(k_tiles, k_head, kKvHeads, kv_head, first_tile * kKeys, kv_len);
+      copy_tile<kKeys>(v_tiles, v_head, kKvHeads, kv_head, first_tile * kKeys, kv_len);
+    }
+    mma::copy_commit();
+
+    // This warp's query rows as A fragments, one per 16 dims.
+    const int warp_row = warp * 16;
+    unsigned qf[kQInRegisters ? kHeadDim / 16 : 1][4];
+    auto q_fragment = [&](int kk, unsigned (&a)[4]) {
+      mma::load_matrix_x4(a, q_tile + swizzled(warp_row + lane % 16, kk * 2 + lane / 16));
+    };
+
+    const float scale = kSoftCap ? sm_scale / soft_cap : sm_scale * kLog2e;
+    float o_acc[kHeadDim / 8][4];
+#pragma unroll
+    for (int i = 0; i < kHeadDim / 8; ++i) o_acc[i][0] = o_acc[i][1] = o_acc[i][2] = o_acc[i][3] = 0.f;
+    float m[2] = {kNegInf, kNegInf}, l[2] = {0.f, 0.f};  // rows g and g + 8 of the warp
+    const int my_row[2] = {row0 + warp_row + g, row0 + warp_row + g + 8};
+
+    for (int j = first_tile; j < end_tile; ++j) {
+      const int buffer = (j - first_tile) % 2;
+      if (j + 1 < end_tile) {
+        copy_tile<kKeys>(k_tiles + (1 - buffer) * kKeys * kHeadDim, k_head, kKvHeads, kv_head, (j + 1) * kKeys, kv_len);
+        copy_tile<kKeys>(v_tiles + (1 - buffer) * kKeys * kHeadDim, v_head, kKvHeads, kv_head, (j + 1) * kKeys, kv_len);
+      }
+      mma::copy_commit();
+      mma::copy_wait<1>();
+      __syncthreads();
+      if constexpr (kQInRegisters) {
+        if (j == first_tile) {
+#pragma unroll
+          for (int kk = 0; kk < kHeadDim / 16; ++kk) q_fragment(kk, qf[kk]);
+        }
+      }
+      const T* kt = k_tiles + buffer * kKeys * kHeadDim;
+      const T* vt = v_tiles + buffer * kKeys * kHeadDim;
+
+      // S = Q K^T for this warp's 16 rows x kKeys keys.
+      float s[kKeys / 8][4];
+#pragma unroll
+      for (int n = 0; n < kKeys / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < kHeadDim / 16; ++kk) {
+        unsigned a_local[4];
+        if constexpr (!kQInRegisters) q_fragment(kk, a_local);
+        const unsigned (&a)[4] = kQInRegisters ? qf[kQInRegisters ? kk : 0] : a_local;
+#pragma unroll
+        for (int np = 0; np < kKeys / 16; ++np) {
+          unsigned bk[4];
+          mma::load_matrix_x4(bk, kt + swizzled(np * 16 + lane % 8 + (lane / 16) * 8, kk * 2 + (lane / 8) % 2));
+          mma::mma_16816<T>(s[2 * np], a, bk[0], bk[1]);
+          mma::mma_16816<T>(s[2 * np + 1], a, bk[2], bk[3]);
+        }
+      }
+
+      // Scale (log2 domain), mask where this tile needs it, online softmax per row.
+      const int key0 = j * kKeys;
+      const bool need_mask = key0 + kKeys > kv_len || (kCausal && key0 + kKeys - 1 > row0 + shift) ||
+                             (kWindow > 0 && key0 <= last_row + shift - kWindow) || last_row < row0 + kRows - 1;
+#pragma unroll
+      for (int n = 0; n < kKeys / 8; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          float x = s[n][e] * scale;
+          if constexpr (kSoftCap) x = soft_cap * kLog2e * tanhf(x);
+          if (need_mask) {
+            const int key = key0 + n * 8 + 2 * t + (e & 1), row = my_row[e / 2];
+            bool ok = key < kv_len && row < qo_len;
+            if constexpr (kCausal) ok = ok && key <= row + shift;
+            if constexpr (kWindow > 0) ok = ok && key > row + shift - kWindow;
+            if (!ok) x = kNegInf;
+          }
+          s[n][e] = x;
+        }
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        float mx = kNegInf;
+#pragma unroll
+        for (int n = 0; n < kKeys / 8; ++n) mx = fmaxf(mx, fmaxf(s[n][2 * r], s[n][2 * r + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float m_new = fmaxf(m[r], mx);
+        const float base = m_new == kNegInf ? 0.f : m_new;  // a row with nothing yet: every p is 0
+        const float alpha = exp2f(m[r] - base);
+        m[r] = m_new;
+        l[r] *= alpha;
+#pragma unroll
+        for (int d = 0; d < kHeadDim / 8; ++d) {
+          o_acc[d][2 * r] *= alpha;
+          o_acc[d][2 * r + 1] *= alpha;
+        }
+#pragma unroll
+        for (int n = 0; n < kKeys / 8; ++n) {
+          s[n][2 * r] = exp2f(s[n][2 * r] - base);
+          s[n][2 * r + 1] = exp2f(s[n][2 * r + 1] - base);
+          l[r] += s[n][2 * r] + s[n][2 * r + 1];
+        }
+      }
+
+      // O += P V: P's accumulators become A fragments, V is read transposed.
+#pragma unroll
+      for (int kk = 0; kk < kKeys / 16; ++kk) {
+        const unsigned a[4] = {mma::pack2<T>(s[2 * kk][0], s[2 * kk][1]), mma::pack2<T>(s[2 * kk][2], s[2 * kk][3]),
+                               mma::pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                               mma::pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+        for (int dp = 0; dp < kHeadDim / 16; ++dp) {
+          unsigned bv[4];
+          mma::load_matrix_x4_transposed(bv, vt + swizzled(kk * 16 + lane % 8 + ((lane / 8) % 2) * 8, dp * 2 + lane / 16));
+          mma::mma_16816<T>(o_acc[2 * dp], a, bv[0], bv[1]);
+          mma::mma_16816<T>(o_acc[2 * dp + 1], a, bv[2], bv[3]);
+        }
+      }
+      __syncthreads();  // the buffer is refilled next iteration
+    }
+    mma::copy_wait<0>();
+
+    // Finish: the row sums across the quad, then o / l and the base-2 lse.
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+      l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+      const int row = my_row[r];
+      if (row >= qo_len) continue;
+      const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
+      T* out = o + (static_cast<long long>(q_begin + row) * kQoHeads + head) * kHeadDim;
+#pragma unroll
+      for (int d = 0; d < kHeadDim / 8; ++d)
+        *reinterpret_cast<unsigned*>(out + d * 8 + 2 * t) = mma::pack2<T>(o_acc[d][2 * r] * inv, o_acc[d][2 * r + 1] * inv);
+      if constexpr (kLse)
+        if (t == 0) lse[static_cast<long long>(q_begin + row) * kQoHeads + head] = l[r] > 0.f ? m[r] + log2f(l[r]) : kNegInf;
+    }
+  }
+};
+
+}  // namespace kjit::attention
