@@ -20,7 +20,8 @@ __all__ = ["Engine", "Kernel", "Error", "SpecError", "TemplateError", "CompileEr
            "UnavailableError", "ArgumentError", "version", "default_engine",
            "rmsnorm", "fused_add_rmsnorm", "rmsnorm_fp8_quant", "fused_add_rmsnorm_fp8_quant",
            "sampling_from_probs", "top_k_sampling_from_probs", "top_p_sampling_from_probs", "min_p_sampling_from_probs",
-           "top_k_top_p_sampling_from_probs", "top_k_renorm_probs", "top_p_renorm_probs", "top_k_mask_logits"]
+           "top_k_top_p_sampling_from_probs", "top_k_renorm_probs", "top_p_renorm_probs", "top_k_mask_logits",
+           "BatchDecode"]
 
 
 class Error(RuntimeError):
@@ -192,3 +193,4 @@ from .norm import rmsnorm, fused_add_rmsnorm, rmsnorm_fp8_quant, fused_add_rmsno
 from .sampling import (sampling_from_probs, top_k_sampling_from_probs, top_p_sampling_from_probs,  # noqa: E402
                        min_p_sampling_from_probs, top_k_top_p_sampling_from_probs, top_k_renorm_probs,
                        top_p_renorm_probs, top_k_mask_logits)
+from .attention import BatchDecode  # noqa: E402

@@ -78,18 +78,18 @@ def check_constraints(definition, env):
     return failed
 
 
+def batch_axis_choices(definition, batch_sizes):
+    """The const axes with each batch size: the axis choices of batch-major op types."""
+    return [dict(const_axes(definition), batch_size=b) for b in batch_sizes]
+
+
 class RmsNormAdapter:
     """op type "rmsnorm": hidden_states [batch, hidden] (+ residual), weight [hidden] -> output."""
 
     batch_sizes = (1, 7, 128, 4097)
 
     def axis_choices(self, definition):
-        choices = []
-        for b in self.batch_sizes:
-            axes = dict(const_axes(definition))
-            axes["batch_size"] = b
-            choices.append(axes)
-        return choices
+        return batch_axis_choices(definition, self.batch_sizes)
 
     def eps(self, definition):
         m = re.search(r"\beps\s*=\s*([0-9.eE+-]+)", definition.get("reference", ""))
@@ -120,7 +120,70 @@ class RmsNormAdapter:
         return {"output": out}
 
 
-ADAPTERS = {"rmsnorm": RmsNormAdapter()}
+class GqaPagedDecodeAdapter:
+    """op type "gqa", paged decode (no qo_indptr): q [batch, heads, dim], k_cache/v_cache
+    [pages, page_size, kv_heads, dim], kv_indptr, kv_indices, last_page_len, sm_scale ->
+    output, lse (base 2). Requests get random lengths, some empty; pages are shuffled."""
+
+    batch_sizes = (1, 7, 64)
+
+    def supports(self, definition):
+        return "qo_indptr" not in definition["inputs"] and "kv_indices" in definition["inputs"]
+
+    def build(self, engine, definition):
+        import kjit
+        return kjit.BatchDecode(definition, engine)
+
+    def axis_choices(self, definition):
+        return batch_axis_choices(definition, self.batch_sizes)
+
+    def make_inputs(self, definition, axes, torch, device):
+        b, ps = axes["batch_size"], axes["page_size"]
+        lengths = torch.randint(1, 700, (b,))
+        lengths[1::5] = 0  # empty requests
+        pages = (lengths + ps - 1) // ps
+        indptr = torch.zeros(b + 1, dtype=torch.int32)
+        indptr[1:] = torch.cumsum(pages, 0)
+        total = int(indptr[-1])
+        axes.update(num_pages=total + 3, len_indptr=b + 1, num_kv_indices=total)
+        plan = tensor_plan(definition, axes)
+        inputs = {}
+        for name, (shape, dtype) in plan.items():
+            if name not in definition["inputs"]:
+                continue
+            if name in ("q", "k_cache", "v_cache"):
+                inputs[name] = torch.randn(shape, device=device).to(getattr(torch, dtype))
+        inputs["kv_indptr"] = indptr.to(device)
+        inputs["kv_indices"] = torch.randperm(total + 3, dtype=torch.int32)[:total].to(device)
+        last = torch.where(pages > 0, lengths - (pages - 1) * ps, torch.ones_like(lengths))
+        inputs["last_page_len"] = last.to(torch.int32).to(device)
+        self._sm_scale = 1.0 / math.sqrt(axes["head_dim"])  # a host float: reading the tensor back would sync
+        inputs["sm_scale"] = torch.tensor(self._sm_scale, dtype=torch.float32, device=device)
+        self._planned = None
+        return inputs
+
+    def reference_inputs(self, definition, inputs):
+        import inspect
+        wanted = inspect.signature(load_reference(definition)).parameters
+        return {k: v for k, v in inputs.items() if k in wanted}
+
+    def run_kjit(self, definition, kernel, inputs, outputs, keep_inputs=True):
+        if self._planned is not inputs["kv_indptr"]:  # plan once per batch, as a server would
+            kernel.plan(inputs["kv_indptr"], inputs["last_page_len"])
+            self._planned = inputs["kv_indptr"]
+        kernel.run(inputs["q"], inputs["k_cache"], inputs["v_cache"], inputs["kv_indptr"], inputs["kv_indices"],
+                   inputs["last_page_len"], self._sm_scale, out=outputs["output"], lse=outputs["lse"])
+        return {"output": outputs["output"], "lse": outputs["lse"]}
+
+
+ADAPTERS = {"rmsnorm": RmsNormAdapter(), "gqa": GqaPagedDecodeAdapter()}
+
+
+def adapter_for(definition):
+    adapter = ADAPTERS.get(op_type(definition))
+    if adapter is None or not getattr(adapter, "supports", lambda d: True)(definition):
+        return None
+    return adapter
 
 # ------------------------------------------------------------------ running (torch, GPU)
 
@@ -140,7 +203,9 @@ def compare(torch, got, ref):
     if r.numel() == 0:
         return {"rel_l2": 0.0, "max_abs": 0.0, "ok": True}
     rel_bound, rtol, atol = TOLERANCES.get(str(ref.dtype).replace("torch.", ""), TOLERANCES["float32"])
-    finite = bool(torch.isfinite(g).all())
+    same = g == r  # equal infinities (an empty request's lse) count as exact
+    finite = bool((torch.isfinite(g) | same).all())
+    g, r = torch.where(same, 0.0, g), torch.where(same, 0.0, r)
     err = (g - r)
     rel_l2 = float(err.norm() / r.norm().clamp_min(1e-300))
     max_abs = float(err.abs().max())
@@ -148,9 +213,10 @@ def compare(torch, got, ref):
     return {"rel_l2": rel_l2, "max_abs": max_abs, "ok": finite and within and rel_l2 <= rel_bound}
 
 
-def cuda_time_us(torch, fn, iters=30, warm=3):
+def cuda_time_us(torch, fn, iters=30, warm=3, graph=True):
     """GPU time of fn: captured in a CUDA graph and replayed, so that neither side's Python
-    overhead is counted; fn run directly where it cannot be captured. Returns (us, graphed)."""
+    overhead is counted; fn run directly where it cannot be captured (graph=False: known not
+    to be capturable; a failed capture can leave torch's RNG unusable). Returns (us, graphed)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -160,6 +226,8 @@ def cuda_time_us(torch, fn, iters=30, warm=3):
     torch.cuda.synchronize()
     run, graphed = fn, False
     try:
+        if not graph:
+            raise RuntimeError("not capturable")
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             fn()
@@ -212,12 +280,13 @@ def poisoned_outputs(torch, definition, axes, device):
 
 
 def run_definition(path, definition, engine, torch):
-    adapter = ADAPTERS[op_type(definition)]
-    kernel = engine.get(definition)
+    adapter = adapter_for(definition)
+    kernel = adapter.build(engine, definition) if hasattr(adapter, "build") else engine.get(definition)
     reference = load_reference(definition)
     rows = []
     for axes in adapter.axis_choices(definition):
         torch.manual_seed(hash((definition["name"], tuple(sorted(axes.items())))) & 0xFFFFFFFF)
+        shown = {k: v for k, v in axes.items() if k in var_axes(definition)}  # before inputs add derived axes
         inputs = adapter.make_inputs(definition, axes, torch, "cuda")
         env = dict(axes, **inputs)
         failed = check_constraints(definition, env)
@@ -226,15 +295,17 @@ def run_definition(path, definition, engine, torch):
         outputs = poisoned_outputs(torch, definition, axes, "cuda")
         got = adapter.run_kjit(definition, kernel, inputs, outputs)
         torch.cuda.synchronize()
-        ref = reference(**inputs)
+        ref_inputs = adapter.reference_inputs(definition, inputs) if hasattr(adapter, "reference_inputs") else inputs
+        ref = reference(**ref_inputs)
         if not isinstance(ref, dict):
             ref = dict(zip(definition["outputs"], ref if isinstance(ref, (tuple, list)) else (ref,)))
         results = {name: compare(torch, got[name], ref[name]) for name in got}
-        ref_us, ref_graphed = cuda_time_us(torch, lambda: reference(**inputs))
+        syncs = re.search(r"\.item\(\)|\.tolist\(\)|\.cpu\(\)", definition.get("reference", "")) is not None
+        ref_us, ref_graphed = cuda_time_us(torch, lambda: reference(**ref_inputs), graph=not syncs)
         kjit_us, _ = cuda_time_us(torch, lambda: adapter.run_kjit(definition, kernel, inputs, outputs, keep_inputs=False))
         rows.append({
             "definition": definition["name"],
-            "axes": {k: v for k, v in axes.items() if k in var_axes(definition)},
+            "axes": shown,
             "max_abs": max(r["max_abs"] for r in results.values()),
             "rel_l2": max(r["rel_l2"] for r in results.values()),
             "ok": all(r["ok"] for r in results.values()),
@@ -315,7 +386,7 @@ def main(argv=None):
     engine = kjit.Engine()
     supported, unsupported = [], []
     for path, d in load_definitions(*args.dirs):
-        (supported if op_type(d) in ADAPTERS else unsupported).append((path, d))
+        (supported if adapter_for(d) else unsupported).append((path, d))
     rows, failures = [], []
     for path, d in supported:
         try:

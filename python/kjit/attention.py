@@ -1,0 +1,75 @@
+"""Batch decode over a paged KV cache with a plan/run split (kjit/attention.hpp).
+
+    decode = kjit.BatchDecode({"op": "batch_decode", "num_qo_heads": 32, "num_kv_heads": 8,
+                               "head_dim": 128, "page_size": 16, "dtype": "bfloat16"})
+    decode.plan(kv_indptr, kv_last_page_len)      # once per batch composition (host copies made here)
+    out, lse = decode.run(q, k_cache, v_cache, kv_indptr, kv_indices, kv_last_page_len, sm_scale)
+"""
+import ctypes
+
+from . import _check, _lib, _spec_text, default_engine
+
+
+class DecodePlan(ctypes.Structure):
+    _fields_ = [("batch_size", ctypes.c_int64), ("num_chunks", ctypes.c_int64), ("chunk_size", ctypes.c_int64),
+                ("workspace_bytes", ctypes.c_uint64)]
+
+
+def _declare():
+    P = ctypes.POINTER
+    vp = ctypes.c_void_p
+    _lib.kjit_batch_decode_create.argtypes = [vp, ctypes.c_char_p, P(vp)]
+    _lib.kjit_batch_decode_create.restype = ctypes.c_int
+    _lib.kjit_batch_decode_destroy.argtypes = [vp]
+    _lib.kjit_batch_decode_destroy.restype = None
+    _lib.kjit_batch_decode_plan.argtypes = [vp, P(ctypes.c_int32), P(ctypes.c_int32), ctypes.c_int64, P(DecodePlan)]
+    _lib.kjit_batch_decode_plan.restype = ctypes.c_int
+    _lib.kjit_batch_decode_run.argtypes = [vp, P(DecodePlan)] + [vp] * 9 + [ctypes.c_double, vp]
+    _lib.kjit_batch_decode_run.restype = ctypes.c_int
+
+
+_declare()
+
+
+class BatchDecode:
+    """torch tensors in, torch tensors out; launches on torch's current stream."""
+
+    def __init__(self, spec, engine=None):
+        self._engine = engine or default_engine()  # kept alive with the handle
+        handle = ctypes.c_void_p()
+        _check(_lib.kjit_batch_decode_create(self._engine._handle, _spec_text(spec).encode(), ctypes.byref(handle)))
+        self._handle = handle
+        self._plan = None
+        self._workspace = None
+
+    def __del__(self):
+        if getattr(self, "_handle", None) and _lib is not None:
+            _lib.kjit_batch_decode_destroy(self._handle)
+            self._handle = None
+
+    def plan(self, kv_indptr, kv_last_page_len):
+        import torch
+        indptr = kv_indptr.to("cpu", torch.int32).contiguous()
+        last = kv_last_page_len.to("cpu", torch.int32).contiguous()
+        plan = DecodePlan()
+        as_int32 = ctypes.POINTER(ctypes.c_int32)
+        _check(_lib.kjit_batch_decode_plan(self._handle, ctypes.cast(indptr.data_ptr(), as_int32),
+                                           ctypes.cast(last.data_ptr(), as_int32), last.numel(), ctypes.byref(plan)))
+        self._plan = plan
+        self._workspace = torch.empty(max(plan.workspace_bytes, 1), dtype=torch.uint8, device=kv_indptr.device)
+        return plan
+
+    def run(self, q, k_cache, v_cache, kv_indptr, kv_indices, kv_last_page_len, sm_scale, out=None, lse=None):
+        import torch
+        if self._plan is None:
+            self.plan(kv_indptr, kv_last_page_len)
+        if out is None:
+            out = torch.empty_like(q)
+        if lse is None:
+            lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
+        stream = torch.cuda.current_stream(q.device).cuda_stream
+        ptr = lambda t: ctypes.c_void_p(t.data_ptr())  # noqa: E731
+        _check(_lib.kjit_batch_decode_run(self._handle, ctypes.byref(self._plan), ptr(q), ptr(k_cache), ptr(v_cache),
+                                          ptr(kv_indptr), ptr(kv_indices), ptr(kv_last_page_len), ptr(out), ptr(lse),
+                                          ptr(self._workspace), float(sm_scale), ctypes.c_void_p(stream or None)))
+        return out, lse
