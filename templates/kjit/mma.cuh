@@ -57,6 +57,14 @@ __device__ __forceinline__ void mma_16816(float (&c)[4], const unsigned (&a)[4],
   }
 }
 
+// 2^x by the SFU alone (ex2.approx, ~2 ulp; -inf -> 0): softmax weights are rounded to
+// 16 bits right after.
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
 // Two floats -> one register of two 16-bit T (the first in the low half).
 template <typename T>
 __device__ __forceinline__ unsigned pack2(float lo, float hi) {

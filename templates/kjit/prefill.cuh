@@ -17,12 +17,12 @@
 
 namespace kjit::attention {
 
-template <typename T, int kHeadDim, int kQoHeads, int kKvHeads, bool kCausal, bool kSoftCap, int kWindow, bool kLse>
+template <typename T, int kHeadDim, int kQoHeads, int kKvHeads, bool kCausal, bool kSoftCap, int kWindow, bool kLse,
+          int kKeys>
 struct BatchPrefill {
   static constexpr int kWarps = 4;
   static constexpr int kThreads = 32 * kWarps;
-  static constexpr int kRows = 16 * kWarps;                // query rows per block
-  static constexpr int kKeys = kHeadDim <= 128 ? 64 : 32;  // keys per tile
+  static constexpr int kRows = 16 * kWarps;  // query rows per block; kKeys: keys per tile
   static constexpr int kChunks = kHeadDim / 8;             // 16-byte chunks per row
   static constexpr int kGroup = kQoHeads / kKvHeads;
   static constexpr bool kQInRegisters = kHeadDim <= 128;   // else reloaded from shared memory
@@ -30,19 +30,27 @@ struct BatchPrefill {
   static constexpr float kLog2e = 1.4426950408889634f;
   static_assert(sizeof(T) == 2, "16-bit inputs");
   static_assert(kHeadDim % 64 == 0, "head_dim 64, 128 or 256");
+  static_assert(kKeys % 16 == 0 && (kKeys * kChunks) % kThreads == 0, "whole tiles per copy round");
 
   static __device__ __forceinline__ int swizzled(int row, int chunk) { return row * kHeadDim + ((chunk ^ (row % 8)) * 8); }
 
   // rows [first, first + count) of a [tokens, heads, dim] tensor (head `head`) into a tile;
   // rows past `valid` are zero-filled.
+  // A thread copies chunk threadIdx.x % kChunks of rows threadIdx.x / kChunks + n * kRowStep.
+  // With kRowStep a multiple of 8 the swizzle is the same for all of them, so the shared
+  // offsets are compile-time steps from one per-thread base.
+  static constexpr int kRowStep = kThreads / kChunks;
   template <int kTileRows>
   static __device__ __forceinline__ void copy_tile(T* tile, const T* base, int heads, int head, int first, int valid) {
+    const int chunk = threadIdx.x % kChunks, row0 = threadIdx.x / kChunks;
+    const long long stride = static_cast<long long>(heads) * kHeadDim;
+    const T* src = base + static_cast<long long>(head) * kHeadDim + chunk * 8;
 #pragma unroll
-    for (int i = threadIdx.x; i < kTileRows * kChunks; i += kThreads) {
-      const int row = i / kChunks, chunk = i % kChunks;
+    for (int n = 0; n < kTileRows / kRowStep; ++n) {
+      const int row = row0 + n * kRowStep;
       const bool ok = first + row < valid;
-      const T* src = base + (static_cast<long long>(ok ? first + row : 0) * heads + head) * kHeadDim + chunk * 8;
-      mma::copy_async(tile + swizzled(row, chunk), src, ok);
+      const int dst = kRowStep % 8 == 0 ? swizzled(row0, chunk) + n * kRowStep * kHeadDim : swizzled(row, chunk);
+      mma::copy_async(tile + dst, src + (ok ? first + row : 0) * stride, ok);
     }
   }
 
@@ -88,6 +96,17 @@ struct BatchPrefill {
       mma::load_matrix_x4(a, q_tile + swizzled(warp_row + lane % 16, kk * 2 + lane / 16));
     };
 
+    // ldmatrix row addresses: a lane's row within 8 is lane % 8, so its swizzle is fixed;
+    // chunk (2j + c) ^ (lane % 8) for j = kk % 4 is precomputed, the rest are immediates.
+    const int x = lane % 8;
+    const int k_base = (x + (lane / 16) * 8) * kHeadDim, v_base = (x + ((lane / 8) % 2) * 8) * kHeadDim;
+    int k_off[4], v_off[4];
+#pragma unroll
+    for (int jj = 0; jj < 4; ++jj) {
+      k_off[jj] = k_base + ((2 * jj + (lane / 8) % 2) ^ x) * 8;
+      v_off[jj] = v_base + ((2 * jj + lane / 16) ^ x) * 8;
+    }
+
     const float scale = kSoftCap ? sm_scale / soft_cap : sm_scale * kLog2e;
     float o_acc[kHeadDim / 8][4];
 #pragma unroll
@@ -125,7 +144,7 @@ struct BatchPrefill {
 #pragma unroll
         for (int np = 0; np < kKeys / 16; ++np) {
           unsigned bk[4];
-          mma::load_matrix_x4(bk, kt + swizzled(np * 16 + lane % 8 + (lane / 16) * 8, kk * 2 + (lane / 8) % 2));
+          mma::load_matrix_x4(bk, kt + k_off[kk % 4] + np * 16 * kHeadDim + (kk / 4) * 64);
           mma::mma_16816<T>(s[2 * np], a, bk[0], bk[1]);
           mma::mma_16816<T>(s[2 * np + 1], a, bk[2], bk[3]);
         }
@@ -139,8 +158,10 @@ struct BatchPrefill {
       for (int n = 0; n < kKeys / 8; ++n)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          float x = s[n][e] * scale;
-          if constexpr (kSoftCap) x = soft_cap * kLog2e * tanhf(x);
+          // Without a soft cap the scale is applied inside the exponent (one FFMA), so the
+          // row maxima below are of unscaled scores (scale > 0 keeps their order).
+          float x = s[n][e];
+          if constexpr (kSoftCap) x = soft_cap * kLog2e * tanhf(x * scale);
           if (need_mask) {
             const int key = key0 + n * 8 + 2 * t + (e & 1), row = my_row[e / 2];
             bool ok = key < kv_len && row < qo_len;
@@ -157,9 +178,10 @@ struct BatchPrefill {
         for (int n = 0; n < kKeys / 8; ++n) mx = fmaxf(mx, fmaxf(s[n][2 * r], s[n][2 * r + 1]));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        const float m_new = fmaxf(m[r], mx);
+        const float exp_scale = kSoftCap ? 1.f : scale;  // scores -> log2 domain
+        const float m_new = fmaxf(m[r], mx * exp_scale);
         const float base = m_new == kNegInf ? 0.f : m_new;  // a row with nothing yet: every p is 0
-        const float alpha = exp2f(m[r] - base);
+        const float alpha = mma::fast_exp2(m[r] - base);
         m[r] = m_new;
         l[r] *= alpha;
 #pragma unroll
@@ -169,8 +191,8 @@ struct BatchPrefill {
         }
 #pragma unroll
         for (int n = 0; n < kKeys / 8; ++n) {
-          s[n][2 * r] = exp2f(s[n][2 * r] - base);
-          s[n][2 * r + 1] = exp2f(s[n][2 * r + 1] - base);
+          s[n][2 * r] = mma::fast_exp2(fmaf(s[n][2 * r], exp_scale, -base));
+          s[n][2 * r + 1] = mma::fast_exp2(fmaf(s[n][2 * r + 1], exp_scale, -base));
           l[r] += s[n][2 * r] + s[n][2 * r + 1];
         }
       }
@@ -184,7 +206,7 @@ struct BatchPrefill {
 #pragma unroll
         for (int dp = 0; dp < kHeadDim / 16; ++dp) {
           unsigned bv[4];
-          mma::load_matrix_x4_transposed(bv, vt + swizzled(kk * 16 + lane % 8 + ((lane / 8) % 2) * 8, dp * 2 + lane / 16));
+          mma::load_matrix_x4_transposed(bv, vt + v_off[dp % 4] + kk * 16 * kHeadDim + (dp / 4) * 64);
           mma::mma_16816<T>(o_acc[2 * dp], a, bv[0], bv[1]);
           mma::mma_16816<T>(o_acc[2 * dp + 1], a, bv[2], bv[3]);
         }
