@@ -178,17 +178,25 @@ struct BatchPrefill {
         for (int n = 0; n < kKeys / 8; ++n) mx = fmaxf(mx, fmaxf(s[n][2 * r], s[n][2 * r + 1]));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        // m is the reference the exponentials are taken against, not always the running
+        // maximum: o and l are rescaled only when the maximum passes it by more than
+        // kSlack, so after the first tiles a row rarely pays the 2 * head_dim / 8
+        // multiplies. Weights stay below 2^kSlack, far inside fp32 and bf16 range, and o / l
+        // and lse = m + log2(l) are exact whatever reference was used.
+        constexpr float kSlack = 8.f;
         const float exp_scale = kSoftCap ? 1.f : scale;  // scores -> log2 domain
-        const float m_new = fmaxf(m[r], mx * exp_scale);
-        const float base = m_new == kNegInf ? 0.f : m_new;  // a row with nothing yet: every p is 0
-        const float alpha = mma::fast_exp2(m[r] - base);
-        m[r] = m_new;
-        l[r] *= alpha;
+        const float m_max = fmaxf(m[r], mx * exp_scale);
+        if (m_max > m[r] + kSlack) {  // also the first finite maximum (m = -inf)
+          const float alpha = mma::fast_exp2(m[r] - m_max);
+          m[r] = m_max;
+          l[r] *= alpha;
 #pragma unroll
-        for (int d = 0; d < kHeadDim / 8; ++d) {
-          o_acc[d][2 * r] *= alpha;
-          o_acc[d][2 * r + 1] *= alpha;
+          for (int d = 0; d < kHeadDim / 8; ++d) {
+            o_acc[d][2 * r] *= alpha;
+            o_acc[d][2 * r + 1] *= alpha;
+          }
         }
+        const float base = m[r] == kNegInf ? 0.f : m[r];  // a row with nothing yet: every p is 0
 #pragma unroll
         for (int n = 0; n < kKeys / 8; ++n) {
           s[n][2 * r] = mma::fast_exp2(fmaf(s[n][2 * r], exp_scale, -base));
