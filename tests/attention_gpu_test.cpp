@@ -425,11 +425,14 @@ struct PrefillCase {
   double soft_cap = 0;
   std::int64_t window = 0;
   bool return_lse = true;
+  std::int64_t page_size = 0;  // > 0: K/V in a paged cache (append attention)
+  std::string layout = "NHD";
 
   std::string spec() const {
     return fmt::format(
-               R"({{"op": "batch_prefill", "num_qo_heads": {}, "num_kv_heads": {}, "head_dim": {}, "dtype": "{}", "causal": {})",
-               qo_heads, kv_heads, head_dim, bf16 ? "bfloat16" : "float16", causal) +
+               R"({{"op": "batch_prefill", "num_qo_heads": {}, "num_kv_heads": {}, "head_dim": {}, "dtype": "{}", "causal": {}{})",
+               qo_heads, kv_heads, head_dim, bf16 ? "bfloat16" : "float16", causal,
+               page_size > 0 ? fmt::format(R"(, "paged": true, "page_size": {}, "kv_layout": "{}")", page_size, layout) : "") +
            score_options(return_lse, soft_cap, window);
   }
 };
@@ -489,16 +492,37 @@ void run_prefill_case(const PrefillCase& c, const std::vector<std::pair<std::int
       }
   }
 
-  DeviceMemory dq = to_device(q), dk = to_device(k), dv = to_device(v), dqi = to_device(qo_indptr), dki = to_device(kv_indptr);
+  // Paged: the same keys and values scattered over shuffled pages of a cache.
+  PagedBatch pages;
+  if (c.page_size > 0) {
+    const DecodeCase layout{c.qo_heads, c.kv_heads, c.head_dim, c.page_size, c.layout, c.bf16};
+    std::vector<std::int64_t> kv_lengths;
+    for (auto [qo, kv] : lengths) kv_lengths.push_back(kv);
+    pages = make_batch(layout, kv_lengths, rng);
+    for (std::size_t b = 0; b < lengths.size(); ++b)
+      for (std::int64_t t = 0; t < lengths[b].second; ++t)
+        for (std::int64_t hk = 0; hk < c.kv_heads; ++hk) {
+          const std::int64_t at = pages.token_offset(layout, static_cast<std::int64_t>(b), t, hk);
+          const std::int64_t from = ((kv_indptr[b] + t) * c.kv_heads + hk) * c.head_dim;
+          std::copy_n(&k[static_cast<std::size_t>(from)], c.head_dim, &pages.k[static_cast<std::size_t>(at)]);
+          std::copy_n(&v[static_cast<std::size_t>(from)], c.head_dim, &pages.v[static_cast<std::size_t>(at)]);
+        }
+  }
+  const bool paged = c.page_size > 0;
+  DeviceMemory dq = to_device(q), dk = to_device(paged ? pages.k : k), dv = to_device(paged ? pages.v : v),
+               dqi = to_device(qo_indptr), dki = to_device(paged ? pages.indptr : kv_indptr),
+               dind = to_device(pages.indices), dlast = to_device(pages.last_page_len);
   DeviceMemory out(std::max<std::size_t>(q.size() * 2, 2)), lse(std::max<std::size_t>(ref.lse.size() * 4, 4));
   out.fill(0xff);
   lse.fill(0xff);
   kjit::Kernel prefill = engine().get(c.spec());
   const auto batch = static_cast<std::int64_t>(lengths.size());
-  if (c.return_lse)
-    prefill.launch({dq.get(), dk.get(), dv.get(), dqi.get(), dki.get(), out.get(), lse.get(), batch, max_qo, sm_scale});
-  else
-    prefill.launch({dq.get(), dk.get(), dv.get(), dqi.get(), dki.get(), out.get(), batch, max_qo, sm_scale});
+  std::vector<kjit::Arg> args{dq.get(), dk.get(), dv.get(), dqi.get(), dki.get()};
+  if (paged) args.insert(args.end(), {kjit::Arg(dind.get()), kjit::Arg(dlast.get())});
+  args.emplace_back(out.get());
+  if (c.return_lse) args.emplace_back(lse.get());
+  args.insert(args.end(), {kjit::Arg(batch), kjit::Arg(max_qo), kjit::Arg(sm_scale)});
+  prefill.launch(args);
   synchronize();
   const DecodeCase as_decode{c.qo_heads, c.kv_heads, c.head_dim, 1, "NHD", c.bf16};
   std::vector<float> got_lse = lse.download_as<float>();
@@ -525,4 +549,13 @@ TEST_CASE("batch prefill matches float64 attention on ragged requests", "[gpu][a
   run_prefill_case({8, 2, 128, true, true, 0, 50}, lengths, rng);              // sliding window
   run_prefill_case({8, 2, 256, false, true, 0, 0, false}, lengths, rng);       // no lse
   run_prefill_case({32, 8, 128, true}, {{1000, 1000}}, rng);                   // one longer request
+  // Paged K/V: append attention (new queries at the end of each request's cache).
+  for (std::int64_t page_size : {1, 16, 64})
+    for (const char* layout : {"NHD", "HND"})
+      for (std::int64_t head_dim : {64, 128, 256}) {
+        PrefillCase c{8, 2, head_dim};
+        c.page_size = page_size;
+        c.layout = layout;
+        run_prefill_case(c, lengths, rng);
+      }
 }

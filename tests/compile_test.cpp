@@ -194,6 +194,11 @@ TEST_CASE("every prefill variant in a representative grid compiles for sm_90a", 
             R"({{"op": "batch_prefill", "num_qo_heads": {}, "num_kv_heads": 4, "head_dim": {}, "dtype": "bfloat16", "causal": {}}})",
             4 * group, head_dim, causal));
   specs.push_back(R"({"op": "batch_prefill", "num_qo_heads": 32, "num_kv_heads": 8, "head_dim": 128, "dtype": "float16", "logits_soft_cap": 50, "sliding_window": 4096, "return_lse": false})");
+  for (int head_dim : {64, 128, 256})
+    for (const char* layout : {"NHD", "HND"})
+      specs.push_back(fmt::format(
+          R"({{"op": "batch_prefill", "num_qo_heads": 32, "num_kv_heads": 8, "head_dim": {}, "dtype": "bfloat16", "paged": true, "page_size": 16, "kv_layout": "{}"}})",
+          head_dim, layout));
   auto [built, failures] = build_all(specs);
   for (const auto& a : built)
     if (a.info.spill_bytes != 0) failures.push_back(fmt::format("{}: spills {} bytes", a.info.spec, a.info.spill_bytes));

@@ -237,10 +237,19 @@ BenchResult bench_prefill(Engine& engine, const std::string& spec, std::int64_t 
   const KernelInfo& info = prefill.info();
   const auto j = nlohmann::json::parse(info.spec);
   const std::int64_t qo_heads = j["num_qo_heads"], kv_heads = j["num_kv_heads"], head_dim = j["head_dim"];
-  const bool causal = j["causal"], return_lse = j["return_lse"];
+  const bool causal = j["causal"], return_lse = j["return_lse"], paged = j.value("paged", false);
+  const std::int64_t page_size = j.value("page_size", std::int64_t{1});
   const std::int64_t tokens = batch_size * seq_len;
-  std::vector<std::int32_t> indptr;
+  std::vector<std::int32_t> indptr, page_indptr, last, pages;
   for (std::int64_t b = 0; b <= batch_size; ++b) indptr.push_back(static_cast<std::int32_t>(b * seq_len));
+  // Paged: each request's pages in shuffled order; the cache holds exactly those pages.
+  const std::int64_t pages_per_request = (seq_len + page_size - 1) / page_size;
+  for (std::int64_t b = 0; b <= batch_size; ++b) page_indptr.push_back(static_cast<std::int32_t>(b * pages_per_request));
+  last.assign(static_cast<std::size_t>(batch_size), static_cast<std::int32_t>(seq_len - (pages_per_request - 1) * page_size));
+  pages.resize(static_cast<std::size_t>(batch_size * pages_per_request));
+  std::iota(pages.begin(), pages.end(), 0);
+  std::shuffle(pages.begin(), pages.end(), std::mt19937(5));
+  const std::int64_t kv_rows = paged ? batch_size * pages_per_request * page_size : tokens;
   std::mt19937 rng(3);
   auto random_buffer = [&](std::size_t bytes) {
     DeviceBuffer d(bytes);
@@ -250,13 +259,19 @@ BenchResult bench_prefill(Engine& engine, const std::string& spec, std::int64_t 
     return d;
   };
   DeviceBuffer q = random_buffer(static_cast<std::size_t>(tokens * qo_heads * head_dim) * 2);
-  DeviceBuffer k = random_buffer(static_cast<std::size_t>(tokens * kv_heads * head_dim) * 2);
-  DeviceBuffer v = random_buffer(static_cast<std::size_t>(tokens * kv_heads * head_dim) * 2);
+  DeviceBuffer k = random_buffer(static_cast<std::size_t>(kv_rows * kv_heads * head_dim) * 2);
+  DeviceBuffer v = random_buffer(static_cast<std::size_t>(kv_rows * kv_heads * head_dim) * 2);
   DeviceBuffer out(static_cast<std::size_t>(tokens * qo_heads * head_dim) * 2), lse(static_cast<std::size_t>(tokens * qo_heads) * 4);
-  DeviceBuffer d_indptr(indptr.size() * 4);
+  DeviceBuffer d_indptr(indptr.size() * 4), d_page_indptr(page_indptr.size() * 4), d_last(std::max<std::size_t>(last.size() * 4, 4)),
+      d_pages(std::max<std::size_t>(pages.size() * 4, 4));
   d_indptr.upload(indptr.data());
+  d_page_indptr.upload(page_indptr.data());
+  if (!last.empty()) d_last.upload(last.data());
+  if (!pages.empty()) d_pages.upload(pages.data());
   const double sm_scale = 1.0 / std::sqrt(static_cast<double>(head_dim));
-  std::vector<Arg> args{q.get(), k.get(), v.get(), d_indptr.get(), d_indptr.get(), out.get()};
+  std::vector<Arg> args{q.get(), k.get(), v.get(), d_indptr.get(), paged ? d_page_indptr.get() : d_indptr.get()};
+  if (paged) args.insert(args.end(), {Arg(static_cast<const void*>(d_pages.get())), Arg(static_cast<const void*>(d_last.get()))});
+  args.emplace_back(static_cast<const void*>(out.get()));
   if (return_lse) args.emplace_back(static_cast<const void*>(lse.get()));
   args.insert(args.end(), {Arg(batch_size), Arg(seq_len), Arg(sm_scale)});
   for (int i = 0; i < 3; ++i) prefill.launch(args);

@@ -9,7 +9,9 @@
 //   {"op": "batch_prefill", "num_qo_heads": 32, "num_kv_heads": 8, "head_dim": 128,
 //    "dtype": "bfloat16"}    ragged queries and contiguous K/V by qo_indptr / kv_indptr (a
 //     single request is a batch of 1); causal (default true, aligned to the last key),
-//     return_lse, logits_soft_cap, sliding_window as for decode
+//     return_lse, logits_soft_cap, sliding_window as for decode; "paged": true reads K/V
+//     from a paged cache (page_size, kv_layout; kv_indptr then indexes pages, and
+//     kv_indices, kv_last_page_len follow it): append attention, after append_paged_kv_cache
 //   {"op": "append_paged_kv_cache", "num_kv_heads": 8, "head_dim": 128, "page_size": 16,
 //    "dtype": "bfloat16"}    (kv_layout as above)
 //   {"op": "merge_states" | "merge_state", "num_heads": 32, "head_dim": 128,
@@ -110,9 +112,14 @@ class AttentionFamily final : public Family {
     spec::FieldReader fields(s);
     const AttentionFields a = AttentionFields::read(fields);
     const bool causal = fields.boolean("causal", true);
+    // Paged K/V (append attention: the new tokens appended to the cache first).
+    const bool paged = fields.boolean("paged", false);
+    const std::int64_t page_size = paged ? fields.integer("page_size", 1, 1024) : 0;
+    const std::string layout = paged ? fields.choice("kv_layout", kLayouts, "NHD") : "";
     // Tuning: keys per K/V tile. At head_dim 128, 32 keys (48 KB of shared memory, three
     // blocks per SM) measured 269 TFLOP/s against 249 for 64 keys (causal 8192).
-    const std::int64_t default_keys = a.head_dim <= 64 ? 64 : 32;
+    // (Paged tiles at head_dim 64 spill with 64 keys: the page lookups need registers too.)
+    const std::int64_t default_keys = a.head_dim <= 64 && !paged ? 64 : 32;
     const std::int64_t keys = fields.integer_of("keys_per_tile", kKeysPerTile, default_keys);
     fields.finish();
     const auto [qo_heads, kv_heads, head_dim, dtype, return_lse, soft_cap, window] = a;
@@ -121,16 +128,26 @@ class AttentionFamily final : public Family {
     plan.op = s.op;
     plan.spec = {{"op", plan.op}, {"causal", causal}};
     if (keys != default_keys) plan.spec["keys_per_tile"] = keys;
+    if (paged) plan.spec.update({{"paged", true}, {"page_size", page_size}, {"kv_layout", layout}});
     a.describe(plan.spec, plan.template_params);
     plan.template_name = "batch_prefill.cu.j2";
     plan.entry = "kjit_batch_prefill";
     const std::string hq = std::to_string(qo_heads), hk = std::to_string(kv_heads), d = std::to_string(head_dim);
     auto& p = plan.params;
     p.push_back(tensor_param("q", dtype, {"total_q", hq, d}));
-    p.push_back(tensor_param("k", dtype, {"total_kv", hk, d}));
-    p.push_back(tensor_param("v", dtype, {"total_kv", hk, d}));
+    if (paged) {
+      p.push_back(tensor_param("k_cache", dtype, page_shape(layout, page_size, kv_heads, head_dim)));
+      p.push_back(tensor_param("v_cache", dtype, page_shape(layout, page_size, kv_heads, head_dim)));
+    } else {
+      p.push_back(tensor_param("k", dtype, {"total_kv", hk, d}));
+      p.push_back(tensor_param("v", dtype, {"total_kv", hk, d}));
+    }
     p.push_back(tensor_param("qo_indptr", DType::int32, {"batch_size_plus_one"}));
     p.push_back(tensor_param("kv_indptr", DType::int32, {"batch_size_plus_one"}));
+    if (paged) {
+      p.push_back(tensor_param("kv_indices", DType::int32, {"num_kv_indices"}));
+      p.push_back(tensor_param("kv_last_page_len", DType::int32, {"batch_size"}));
+    }
     p.push_back(tensor_param("output", dtype, {"total_q", hq, d}, Param::Access::write));
     if (return_lse) p.push_back(tensor_param("lse", DType::float32, {"total_q", hq}, Param::Access::write));
     p.push_back(integer_param("batch_size", 0, 65535));
@@ -139,7 +156,8 @@ class AttentionFamily final : public Family {
 
     // 64 query rows per block; K/V tiles double-buffered.
     const std::int64_t rows = 64;
-    plan.template_params.update({{"causal", causal}, {"rows_per_block", rows}, {"keys_per_tile", keys},
+    plan.template_params.update({{"causal", causal}, {"paged", paged}, {"page_size", page_size}, {"kv_layout", layout},
+                                 {"rows_per_block", rows}, {"keys_per_tile", keys},
                                  {"shared_bytes", (rows + 4 * keys) * head_dim * 2}});
     plan.launch.block[0] = 128;
     plan.launch.dynamic_shared_bytes = static_cast<std::uint32_t>((rows + 4 * keys) * head_dim * 2);

@@ -2,9 +2,8 @@
 // FlashAttention-2's split: each warp owns 16 query rows of a 64-row block and keeps
 // its scores, probabilities and output in registers).
 //
-// Request b has queries [qo_indptr[b], qo_indptr[b + 1]) and keys/values
-// [kv_indptr[b], kv_indptr[b + 1]) of q [tokens, qo_heads, dim] and k, v [tokens,
-// kv_heads, dim]. Causal masking is aligned to the end (query i of qo_len sees keys
+// Request b has queries [qo_indptr[b], qo_indptr[b + 1]) of q [tokens, qo_heads, dim]
+// and its keys/values in ragged rows or a paged cache (Kv below). Causal masking is aligned to the end (query i of qo_len sees keys
 // j <= i + kv_len - qo_len), as for chunked prefill; a sliding window W keeps keys
 // j > i + kv_len - qo_len - W. Scores, soft cap and the base-2 lse are as in decode.
 //
@@ -14,11 +13,33 @@
 #pragma once
 
 #include "kjit/mma.cuh"
+#include "kjit/paged_kv.cuh"
 
 namespace kjit::attention {
 
+// Where request b's keys and values live. Ragged: rows kv_indptr[b] .. kv_indptr[b + 1]
+// of contiguous [tokens, kv_heads, dim] tensors. Paged: a paged KV cache (paged_kv.cuh),
+// kv_indptr indexing pages; with the new tokens appended first, this is append attention.
+template <int kKvHeads, int kHeadDim>
+struct RaggedKv {
+  static __device__ __forceinline__ int length(const int* kv_indptr, const int*, int b) { return kv_indptr[b + 1] - kv_indptr[b]; }
+  static __device__ __forceinline__ long long offset(const int* kv_indptr, const int*, int b, int key, int head) {
+    return (static_cast<long long>(kv_indptr[b] + key) * kKvHeads + head) * kHeadDim;
+  }
+};
+template <int kKvHeads, int kHeadDim, paged_kv::Layout kLayout, int kPageSize>
+struct PagedKvRows {
+  using Cache = paged_kv::PagedKv<kLayout, kPageSize, kKvHeads, kHeadDim>;
+  static __device__ __forceinline__ int length(const int* kv_indptr, const int* kv_last_page_len, int b) {
+    return Cache::length(kv_indptr, kv_last_page_len, b);
+  }
+  static __device__ __forceinline__ long long offset(const int* kv_indptr, const int* kv_indices, int b, int key, int head) {
+    return Cache::offset(kv_indices, kv_indptr[b], key, head);
+  }
+};
+
 template <typename T, int kHeadDim, int kQoHeads, int kKvHeads, bool kCausal, bool kSoftCap, int kWindow, bool kLse,
-          int kKeys>
+          int kKeys, typename Kv = RaggedKv<kKvHeads, kHeadDim>>
 struct BatchPrefill {
   static constexpr int kWarps = 4;
   static constexpr int kThreads = 32 * kWarps;
@@ -34,29 +55,30 @@ struct BatchPrefill {
 
   static __device__ __forceinline__ int swizzled(int row, int chunk) { return row * kHeadDim + ((chunk ^ (row % 8)) * 8); }
 
-  // rows [first, first + count) of a [tokens, heads, dim] tensor (head `head`) into a tile;
-  // rows past `valid` are zero-filled.
+  // rows [first, first + kTileRows) into a tile, row r read at base + row_offset(r) (the start
+  // of its head); rows past `valid` are zero-filled.
   // A thread copies chunk threadIdx.x % kChunks of rows threadIdx.x / kChunks + n * kRowStep.
   // With kRowStep a multiple of 8 the swizzle is the same for all of them, so the shared
   // offsets are compile-time steps from one per-thread base.
   static constexpr int kRowStep = kThreads / kChunks;
-  template <int kTileRows>
-  static __device__ __forceinline__ void copy_tile(T* tile, const T* base, int heads, int head, int first, int valid) {
+  template <int kTileRows, typename RowOffset>
+  static __device__ __forceinline__ void copy_tile(T* tile, const T* base, RowOffset row_offset, int first, int valid) {
     const int chunk = threadIdx.x % kChunks, row0 = threadIdx.x / kChunks;
-    const long long stride = static_cast<long long>(heads) * kHeadDim;
-    const T* src = base + static_cast<long long>(head) * kHeadDim + chunk * 8;
+    const T* src = base + chunk * 8;
 #pragma unroll
     for (int n = 0; n < kTileRows / kRowStep; ++n) {
       const int row = row0 + n * kRowStep;
       const bool ok = first + row < valid;
       const int dst = kRowStep % 8 == 0 ? swizzled(row0, chunk) + n * kRowStep * kHeadDim : swizzled(row, chunk);
-      mma::copy_async(tile + dst, src + (ok ? first + row : 0) * stride, ok);
+      mma::copy_async(tile + dst, src + (ok ? row_offset(first + row) : 0), ok);
     }
   }
 
+  // kv_indices and kv_last_page_len: paged K/V only (null for ragged).
   static __device__ void run(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
-                             const int* __restrict__ qo_indptr, const int* __restrict__ kv_indptr, T* __restrict__ o,
-                             float* __restrict__ lse, float sm_scale, float soft_cap) {
+                             const int* __restrict__ qo_indptr, const int* __restrict__ kv_indptr,
+                             const int* __restrict__ kv_indices, const int* __restrict__ kv_last_page_len,
+                             T* __restrict__ o, float* __restrict__ lse, float sm_scale, float soft_cap) {
     const float kNegInf = -__int_as_float(0x7f800000);
     extern __shared__ __align__(128) unsigned char dynamic_shared[];
     T* q_tile = reinterpret_cast<T*>(dynamic_shared);
@@ -67,7 +89,7 @@ struct BatchPrefill {
     const int head = blockIdx.y, b = blockIdx.z;
     const int kv_head = head / kGroup;
     const int q_begin = qo_indptr[b], qo_len = qo_indptr[b + 1] - q_begin;
-    const int kv_begin = kv_indptr[b], kv_len = kv_indptr[b + 1] - kv_begin;
+    const int kv_len = Kv::length(kv_indptr, kv_last_page_len, b);
     const int row0 = tile * kRows;
     if (row0 >= qo_len) return;
     const int shift = kv_len - qo_len;
@@ -79,13 +101,13 @@ struct BatchPrefill {
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int g = lane / 4, t = lane % 4;
-    const T* k_head = k + static_cast<long long>(kv_begin) * kKvHeads * kHeadDim;
-    const T* v_head = v + static_cast<long long>(kv_begin) * kKvHeads * kHeadDim;
+    auto q_row = [&](int row) { return (static_cast<long long>(q_begin + row) * kQoHeads + head) * kHeadDim; };
+    auto kv_row = [&](int key) { return Kv::offset(kv_indptr, kv_indices, b, key, kv_head); };
 
-    copy_tile<kRows>(q_tile, q + static_cast<long long>(q_begin) * kQoHeads * kHeadDim, kQoHeads, head, row0, qo_len);
+    copy_tile<kRows>(q_tile, q, q_row, row0, qo_len);
     if (first_tile < end_tile) {
-      copy_tile<kKeys>(k_tiles, k_head, kKvHeads, kv_head, first_tile * kKeys, kv_len);
-      copy_tile<kKeys>(v_tiles, v_head, kKvHeads, kv_head, first_tile * kKeys, kv_len);
+      copy_tile<kKeys>(k_tiles, k, kv_row, first_tile * kKeys, kv_len);
+      copy_tile<kKeys>(v_tiles, v, kv_row, first_tile * kKeys, kv_len);
     }
     mma::copy_commit();
 
@@ -117,8 +139,8 @@ struct BatchPrefill {
     for (int j = first_tile; j < end_tile; ++j) {
       const int buffer = (j - first_tile) % 2;
       if (j + 1 < end_tile) {
-        copy_tile<kKeys>(k_tiles + (1 - buffer) * kKeys * kHeadDim, k_head, kKvHeads, kv_head, (j + 1) * kKeys, kv_len);
-        copy_tile<kKeys>(v_tiles + (1 - buffer) * kKeys * kHeadDim, v_head, kKvHeads, kv_head, (j + 1) * kKeys, kv_len);
+        copy_tile<kKeys>(k_tiles + (1 - buffer) * kKeys * kHeadDim, k, kv_row, (j + 1) * kKeys, kv_len);
+        copy_tile<kKeys>(v_tiles + (1 - buffer) * kKeys * kHeadDim, v, kv_row, (j + 1) * kKeys, kv_len);
       }
       mma::copy_commit();
       mma::copy_wait<1>();
