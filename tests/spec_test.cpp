@@ -182,7 +182,11 @@ TEST_CASE("FlashInfer-Bench definitions import", "[spec][definition]") {
     CHECK(plan(gqa).spec.dump() ==
           R"({"dtype":"bfloat16","head_dim":128,"kv_layout":"NHD","num_kv_heads":8,"num_qo_heads":32,"op":"batch_decode","page_size":1,"return_lse":true})");
   if (std::string prefill = read(shared + "gqa_paged/gqa_paged_prefill_causal_h32_kv8_d128_ps1.json"); !prefill.empty())
-    CHECK_THAT(refusal(prefill), Contains("only paged decode (no qo_indptr) is supported so far"));
+    CHECK(plan(prefill).spec.dump() ==
+          R"({"causal":true,"dtype":"bfloat16","head_dim":128,"kv_layout":"NHD","num_kv_heads":8,"num_qo_heads":32,"op":"batch_prefill","page_size":1,"paged":true,"return_lse":true})");
+  if (std::string ragged = read(shared + "gqa_ragged/gqa_ragged_prefill_causal_h32_kv8_d128.json"); !ragged.empty())
+    CHECK(plan(ragged).spec.dump() ==
+          R"({"causal":true,"dtype":"bfloat16","head_dim":128,"num_kv_heads":8,"num_qo_heads":32,"op":"batch_prefill","return_lse":true})");
   if (std::string mla = read(shared + "mla_paged/mla_paged_decode_h16_ckv512_kpe64_ps1.json"); !mla.empty())
     CHECK_THAT(refusal(mla), Contains("is not supported; supported op types: rmsnorm, sampling, gqa"));
 

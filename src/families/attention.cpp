@@ -86,11 +86,27 @@ class AttentionFamily final : public Family {
   }
   std::vector<std::string_view> definition_op_types() const override { return {"gqa"}; }
 
-  // gqa_paged decode definitions: q [batch, heads, dim], k_cache/v_cache [pages,
-  // page_size, kv_heads, dim] (NHD), output and a base-2 lse.
+  // gqa definitions: paged decode (q [batch, heads, dim], k_cache/v_cache [pages,
+  // page_size, kv_heads, dim] in NHD) builds batch_decode; ragged or paged prefill
+  // (qo_indptr) builds batch_prefill, causal when the name says so (their references
+  // align the mask to the last key, as kjit does). Outputs: output and a base-2 lse.
   nlohmann::json spec_from_definition(const spec::Definition& d) const override {
-    if (d.input("qo_indptr") || !d.input("kv_indices"))
-      throw SpecError(fmt::format("definition \"{}\": only paged decode (no qo_indptr) is supported so far", d.name));
+    if (d.input("qo_indptr")) {
+      const bool paged = d.input("k_cache") != nullptr;
+      if (!paged && !d.input("k"))
+        throw SpecError(fmt::format("definition \"{}\": a gqa prefill definition needs inputs k/v or k_cache/v_cache", d.name));
+      nlohmann::json spec = {{"op", "batch_prefill"},
+                             {"num_qo_heads", d.const_axis("num_qo_heads")},
+                             {"num_kv_heads", d.const_axis("num_kv_heads")},
+                             {"head_dim", d.const_axis("head_dim")},
+                             {"dtype", dtype_name(d.tensor_dtype("q"))},
+                             {"causal", d.name.find("causal") != std::string::npos},
+                             {"return_lse", d.output("lse") != nullptr}};
+      if (paged) spec.update({{"paged", true}, {"page_size", d.const_axis("page_size")}, {"kv_layout", "NHD"}});
+      return spec;
+    }
+    if (!d.input("kv_indices"))
+      throw SpecError(fmt::format("definition \"{}\": a gqa decode definition needs a paged KV cache (kv_indices)", d.name));
     return {{"op", "batch_decode"},
             {"num_qo_heads", d.const_axis("num_qo_heads")},
             {"num_kv_heads", d.const_axis("num_kv_heads")},
