@@ -19,6 +19,7 @@
 #pragma once
 
 #include "kjit/common.cuh"
+#include "kjit/mma.cuh"  // cp.async helpers
 #include "kjit/paged_kv.cuh"
 
 namespace kjit::attention {
@@ -48,11 +49,6 @@ struct BatchDecode {
     float acc[kSlots][kHeads][kHeadDim];
   };
   static constexpr int kSharedBytes = kStageBytes > static_cast<int>(sizeof(Shared)) ? kStageBytes : static_cast<int>(sizeof(Shared));
-
-  static __device__ __forceinline__ void copy_async(void* shared_dst, const void* global_src, bool valid) {
-    const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(shared_dst));
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(global_src), "r"(valid ? 16 : 0) : "memory");
-  }
 
   static __device__ __forceinline__ float lane_group_sum(float v) {
 #pragma unroll
@@ -117,11 +113,11 @@ struct BatchDecode {
         for (int u = 0; u < kUnroll; ++u) {
           const int t = start + step * kTile + u * kSlots + slot;
           const long long at = Cache::offset_in_page(page[u], t % kPageSize, kv_head) + lane * kVec;
-          copy_async(piece(step % kStages, u, 0), k_cache + at, t < end);
-          copy_async(piece(step % kStages, u, 1), v_cache + at, t < end);
+          mma::copy_async(piece(step % kStages, u, 0), k_cache + at, t < end);
+          mma::copy_async(piece(step % kStages, u, 1), v_cache + at, t < end);
         }
       }
-      asm volatile("cp.async.commit_group;" ::: "memory");  // one group per step, empty or not
+      mma::copy_commit();  // one group per step, empty or not
       load_pages(step + 1);
     };
     load_pages(0);
@@ -130,7 +126,7 @@ struct BatchDecode {
 
     for (int step = 0; step < steps; ++step) {
       copy_step(step + kStages - 1);  // into the stage the previous step has finished reading
-      asm volatile("cp.async.wait_group %0;" ::"n"(kStages - 1) : "memory");
+      mma::copy_wait<kStages - 1>();
       const int t0 = start + step * kTile;
       Vec<TKV, kVec> kx[kUnroll], vx[kUnroll];
 #pragma unroll
@@ -174,7 +170,7 @@ struct BatchDecode {
       }
     }
 
-    asm volatile("cp.async.wait_group 0;" ::: "memory");
+    mma::copy_wait<0>();
     __syncthreads();  // the stages become the merge area
 
     // Merge the slots: every slot's (m, l, acc) through shared memory.
