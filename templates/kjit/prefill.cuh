@@ -20,27 +20,35 @@ namespace kjit::attention {
 // Where request b's keys and values live. Ragged: rows kv_indptr[b] .. kv_indptr[b + 1]
 // of contiguous [tokens, kv_heads, dim] tensors. Paged: a paged KV cache (paged_kv.cuh),
 // kv_indptr indexing pages; with the new tokens appended first, this is append attention.
+// Built once per block, so the request's start is read once and kept in a register
+// (the cp.async asm's memory clobber would otherwise reload it for every row).
 template <int kKvHeads, int kHeadDim>
 struct RaggedKv {
-  static __device__ __forceinline__ int length(const int* kv_indptr, const int*, int b) { return kv_indptr[b + 1] - kv_indptr[b]; }
-  static __device__ __forceinline__ long long offset(const int* kv_indptr, const int*, int b, int key, int head) {
-    return (static_cast<long long>(kv_indptr[b] + key) * kKvHeads + head) * kHeadDim;
+  int first, len;
+  __device__ __forceinline__ RaggedKv(const int* kv_indptr, const int*, const int*, int b)
+      : first(kv_indptr[b]), len(kv_indptr[b + 1] - kv_indptr[b]) {}
+  __device__ __forceinline__ int length() const { return len; }
+  __device__ __forceinline__ long long offset(int key, int head) const {
+    return (static_cast<long long>(first + key) * kKvHeads + head) * kHeadDim;
   }
 };
-template <int kKvHeads, int kHeadDim, paged_kv::Layout kLayout, int kPageSize>
+template <int kKvHeads, int kHeadDim, paged_kv::Layout kLayout, int kPageSize, bool kCombined = false>
 struct PagedKvRows {
-  using Cache = paged_kv::PagedKv<kLayout, kPageSize, kKvHeads, kHeadDim>;
-  static __device__ __forceinline__ int length(const int* kv_indptr, const int* kv_last_page_len, int b) {
-    return Cache::length(kv_indptr, kv_last_page_len, b);
-  }
-  static __device__ __forceinline__ long long offset(const int* kv_indptr, const int* kv_indices, int b, int key, int head) {
-    return Cache::offset(kv_indices, kv_indptr[b], key, head);
+  using Cache = paged_kv::PagedKv<kLayout, kPageSize, kKvHeads, kHeadDim, kCombined>;
+  const int* pages;  // the request's page indices
+  int len;
+  __device__ __forceinline__ PagedKvRows(const int* kv_indptr, const int* kv_indices, const int* kv_last_page_len, int b)
+      : pages(kv_indices + kv_indptr[b]), len(Cache::length(kv_indptr, kv_last_page_len, b)) {}
+  __device__ __forceinline__ int length() const { return len; }
+  __device__ __forceinline__ long long offset(int key, int head) const {
+    return Cache::offset_in_page(pages[key / kPageSize], key % kPageSize, head);
   }
 };
 
 template <typename T, int kHeadDim, int kQoHeads, int kKvHeads, bool kCausal, bool kSoftCap, int kWindow, bool kLse,
-          int kKeys, typename Kv = RaggedKv<kKvHeads, kHeadDim>>
+          int kKeys, typename KvSource = RaggedKv<kKvHeads, kHeadDim>>
 struct BatchPrefill {
+  using Kv = KvSource;
   static constexpr int kWarps = 4;
   static constexpr int kThreads = 32 * kWarps;
   static constexpr int kRows = 16 * kWarps;  // query rows per block; kKeys: keys per tile
@@ -89,7 +97,8 @@ struct BatchPrefill {
     const int head = blockIdx.y, b = blockIdx.z;
     const int kv_head = head / kGroup;
     const int q_begin = qo_indptr[b], qo_len = qo_indptr[b + 1] - q_begin;
-    const int kv_len = Kv::length(kv_indptr, kv_last_page_len, b);
+    const Kv kv(kv_indptr, kv_indices, kv_last_page_len, b);
+    const int kv_len = kv.length();
     const int row0 = tile * kRows;
     if (row0 >= qo_len) return;
     const int shift = kv_len - qo_len;
@@ -102,7 +111,7 @@ struct BatchPrefill {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int g = lane / 4, t = lane % 4;
     auto q_row = [&](int row) { return (static_cast<long long>(q_begin + row) * kQoHeads + head) * kHeadDim; };
-    auto kv_row = [&](int key) { return Kv::offset(kv_indptr, kv_indices, b, key, kv_head); };
+    auto kv_row = [&](int key) { return kv.offset(key, kv_head); };
 
     copy_tile<kRows>(q_tile, q, q_row, row0, qo_len);
     if (first_tile < end_tile) {
