@@ -29,7 +29,13 @@ struct Filter {
   float top_p = 1.f;
   float min_p = 0.f;
   float temperature = 1.f;  // *_from_logits only
+  std::string order;        // top_k_top_p ops: "joint" or "top_k_first" ("": the default, top_k_first)
 };
+
+// The spec field a filter's order adds.
+std::string order_field(const Filter& f) {
+  return f.order.empty() ? "" : fmt::format(R"(, "filter_apply_order": "{}")", f.order);
+}
 
 double clean(float p) { return p > 0.f ? static_cast<double>(p) : 0.0; }
 
@@ -48,6 +54,14 @@ std::vector<bool> filtered_set(const float* p, std::int64_t vocab, const Filter&
   std::vector<double> prefix(sorted.size() + 1, 0.0);
   for (std::size_t i = 0; i < sorted.size(); ++i) prefix[i + 1] = prefix[i] + sorted[i];
   const float floor = std::min(std::max(f.min_p, 0.f), 1.f) * static_cast<float>(max);  // fp32, as the kernel
+  const bool top_k = f.op.find("top_k") != std::string::npos, top_p = f.op.find("top_p") != std::string::npos;
+  // Top-k first: top-p is measured against the mass of the top-k set {v >= k-th largest}.
+  double top_p_base = total;
+  if (top_k && top_p && f.order != "joint") {
+    const double kth = sorted[static_cast<std::size_t>(f.top_k - 1)];
+    const auto members = std::upper_bound(sorted.begin(), sorted.end(), kth, std::greater<>()) - sorted.begin();
+    top_p_base = prefix[static_cast<std::size_t>(members)];
+  }
   std::vector<bool> in(v.size(), false);
   for (std::size_t i = 0; i < v.size(); ++i) {
     if (v[i] <= 0) continue;
@@ -55,8 +69,8 @@ std::vector<bool> filtered_set(const float* p, std::int64_t vocab, const Filter&
     const std::size_t above = static_cast<std::size_t>(
         std::lower_bound(sorted.begin(), sorted.end(), v[i], std::greater<>()) - sorted.begin());
     bool ok = true;
-    if (f.op.find("top_k") != std::string::npos) ok = ok && static_cast<std::int64_t>(above) < f.top_k;
-    if (f.op.find("top_p") != std::string::npos) ok = ok && prefix[above] < static_cast<double>(f.top_p) * total;
+    if (top_k) ok = ok && static_cast<std::int64_t>(above) < f.top_k;
+    if (top_p) ok = ok && prefix[above] < static_cast<double>(f.top_p) * top_p_base;
     // (the names "top_k"/"top_p" alone, as the renorm test passes them, select the same sets)
     if (f.op.find("min_p") != std::string::npos) ok = ok && static_cast<float>(v[i]) >= floor;
     in[i] = ok;
@@ -156,7 +170,9 @@ const std::vector<Filter> kFilters = {
     {"top_p_sampling_from_probs", 0, 0.9f},
     {"top_p_sampling_from_probs", 0, 0.3f},
     {"min_p_sampling_from_probs", 0, 1.f, 0.1f},
-    {"top_k_top_p_sampling_from_probs", 50, 0.8f},
+    {"top_k_top_p_sampling_from_probs", 50, 0.8f},                              // top-k first (default)
+    {"top_k_top_p_sampling_from_probs", 50, 0.8f, 0.f, 1.f, "joint"},
+    {"top_k_top_p_sampling_from_probs", 7, 0.6f, 0.f, 1.f, "top_k_first"},
 };
 
 }  // namespace
@@ -182,7 +198,7 @@ TEST_CASE("samples never leave the filtered set (float64 reference)", "[gpu][sam
       for (std::int64_t r = 0; r < rows; ++r) sets.push_back(filtered_set(&host[static_cast<std::size_t>(r * vocab)], vocab, filter));
       for (std::uint64_t offset = 0; offset < 8; ++offset) {
         const std::string& layout = kLayouts[offset % kLayouts.size()];
-        auto tokens = sample(spec_of(filter.op, vocab, "float32", layout), filter, probs, rows, seed, offset);
+        auto tokens = sample(spec_of(filter.op, vocab, "float32", layout + order_field(filter)), filter, probs, rows, seed, offset);
         for (std::int64_t r = 0; r < rows; ++r) {
           const int t = tokens[static_cast<std::size_t>(r)];
           INFO(filter.op << " k " << filter.top_k << " p " << filter.top_p << " min_p " << filter.min_p << " vocab " << vocab
@@ -222,7 +238,7 @@ TEST_CASE("sample frequencies match the renormalized filtered distribution", "[g
     std::vector<std::int64_t> counts(static_cast<std::size_t>(vocab), 0);
     std::vector<int> stream;
     for (std::int64_t l = 0; l < launches; ++l) {
-      auto tokens = sample(spec_of(filter.op, vocab, "float32", layout), filter, probs, rows, seed, static_cast<std::uint64_t>(l));
+      auto tokens = sample(spec_of(filter.op, vocab, "float32", layout + order_field(filter)), filter, probs, rows, seed, static_cast<std::uint64_t>(l));
       for (int t : tokens) {
         REQUIRE(in[static_cast<std::size_t>(t)]);
         ++counts[static_cast<std::size_t>(t)];
@@ -548,12 +564,13 @@ TEST_CASE("sampling from logits: softmax with temperature, fused", "[gpu][sampli
     DeviceMemory logits(host.size() * 4);
     logits.upload(host.data());
     for (Filter f : {Filter{"sampling_from_logits"}, Filter{"top_k_sampling_from_logits", 20}, Filter{"top_p_sampling_from_logits", 0, 0.9f},
-                     Filter{"min_p_sampling_from_logits", 0, 1.f, 0.1f}, Filter{"top_k_top_p_sampling_from_logits", 50, 0.8f}}) {
+                     Filter{"min_p_sampling_from_logits", 0, 1.f, 0.1f}, Filter{"top_k_top_p_sampling_from_logits", 50, 0.8f},
+                     Filter{"top_k_top_p_sampling_from_logits", 50, 0.8f, 0.f, 1.f, "joint"}}) {
       f.temperature = temperature;
       f.top_k = std::min<std::int64_t>(std::max<std::int64_t>(f.top_k, 1), vocab);
       for (std::uint64_t offset = 0; offset < 6; ++offset) {
         const std::string& layout = kLayouts[offset % kLayouts.size()];
-        auto tokens = sample(spec_of(f.op, vocab, "float32", layout), f, logits, rows, seed, offset);
+        auto tokens = sample(spec_of(f.op, vocab, "float32", layout + order_field(f)), f, logits, rows, seed, offset);
         for (std::int64_t r = 0; r < rows; ++r) {
           auto w = weights(&host[static_cast<std::size_t>(r * vocab)], vocab);
           auto in = filtered_set(w.data(), vocab, f);

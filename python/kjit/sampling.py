@@ -8,7 +8,7 @@ the same tokens; advance `offset` between steps.
 from . import default_engine
 
 
-def _kernel_and_params(op, x, params, engine):
+def _kernel_and_params(op, x, params, engine, **fields):
     """The kernel for a [batch, vocab] input, and its filter arguments: Python numbers as
     scalars, or (when any is a tensor) one int32 / float32 value per row each."""
     import torch
@@ -18,6 +18,7 @@ def _kernel_and_params(op, x, params, engine):
     spec = {"op": op, "vocab_size": int(x.shape[1]), "dtype": str(x.dtype).replace("torch.", "")}
     if per_row:
         spec["per_row_params"] = True
+    spec.update(fields)
     args = []
     for name, value in params.items():
         if per_row:
@@ -28,9 +29,9 @@ def _kernel_and_params(op, x, params, engine):
     return (engine or default_engine()).get(spec), args
 
 
-def _sample(op, probs, params, seed, offset, engine):
+def _sample(op, probs, params, seed, offset, engine, **fields):
     import torch
-    kernel, args = _kernel_and_params(op, probs, params, engine)
+    kernel, args = _kernel_and_params(op, probs, params, engine, **fields)
     samples = torch.empty(probs.shape[0], dtype=torch.int32, device=probs.device)
     kernel(probs, samples, *args, probs.shape[0], seed, offset)
     return samples
@@ -52,9 +53,11 @@ def min_p_sampling_from_probs(probs, min_p, seed=0, offset=0, engine=None):
     return _sample("min_p_sampling_from_probs", probs, {"min_p": min_p}, seed, offset, engine)
 
 
-def top_k_top_p_sampling_from_probs(probs, top_k, top_p, seed=0, offset=0, engine=None):
-    """Joint filter: tokens inside both the top-k and the top-p set of the original distribution."""
-    return _sample("top_k_top_p_sampling_from_probs", probs, {"top_k": top_k, "top_p": top_p}, seed, offset, engine)
+def top_k_top_p_sampling_from_probs(probs, top_k, top_p, seed=0, offset=0, engine=None, filter_apply_order="top_k_first"):
+    """filter_apply_order "top_k_first": top-p over the renormalized top-k tokens (FlashInfer's
+    default); "joint": tokens inside both the top-k and the top-p set of the original distribution."""
+    return _sample("top_k_top_p_sampling_from_probs", probs, {"top_k": top_k, "top_p": top_p}, seed, offset, engine,
+                   filter_apply_order=filter_apply_order)
 
 
 def _rewrite(op, x, params, engine):

@@ -2,12 +2,14 @@
 //
 //   {"op": "top_p_sampling_from_probs", "vocab_size": 128256, "dtype": "float32"}
 //   ops: sampling_from_probs, top_k_sampling_from_probs, top_p_sampling_from_probs,
-//        min_p_sampling_from_probs, top_k_top_p_sampling_from_probs (joint: both filters
-//        on the original distribution); the same *_from_logits (softmax fused, a
+//        min_p_sampling_from_probs, top_k_top_p_sampling_from_probs; the same *_from_logits (softmax fused, a
 //        temperature argument after the filter's); top_k_renorm_probs, top_p_renorm_probs and
 //        top_k_mask_logits rewrite the row (templates/kjit/renorm.cuh)
 //   fields: vocab_size (1..16777216), dtype (float32 | float16 | bfloat16),
 //           per_row_params (false: top_k / top_p / min_p are scalars; true: one per row),
+//           filter_apply_order (top_k_top_p ops: "top_k_first", the default as in FlashInfer:
+//           top-p over the renormalized top-k tokens; "joint": a token passes both filters
+//           on the original distribution),
 //           tuning, sampling ops only: blocks_per_row (1..8: small batches keep each row
 //           in the shared memory of that many blocks of a cluster; 0: never; by default
 //           the fewest blocks with <= 64 KB each, else 8 blocks of <= 200 KB, else 0),
@@ -47,6 +49,7 @@ int default_blocks_per_row(std::int64_t vectors, std::int64_t vector_bytes) {
   return slice_bytes(vectors, vector_bytes, 8) <= kMaxSliceBytes ? 8 : 0;
 }
 constexpr DType kDTypes[] = {DType::float32, DType::float16, DType::bfloat16};
+constexpr std::string_view kFilterOrders[] = {"top_k_first", "joint"};
 
 struct Variant {
   std::string_view op;
@@ -136,6 +139,12 @@ class SamplingFamily final : public Family {
     const std::int64_t vocab = fields.integer("vocab_size", 1, kMaxVocab);
     const DType dtype = fields.dtype("dtype", kDTypes);
     const bool per_row = fields.boolean("per_row_params", false);
+    std::string_view filter = variant->filter;
+    std::string order;
+    if (variant->top_k && variant->top_p && !variant->renorm) {
+      order = fields.choice("filter_apply_order", kFilterOrders, "top_k_first");
+      if (order == "top_k_first") filter = "top_k_then_top_p";
+    }
     const int vec = widest_vector(dtype, vocab);
     const std::int64_t vectors = vocab / vec, vector_bytes = vec * static_cast<std::int64_t>(dtype_size(dtype));
     int blocks_per_row = 0, default_blocks = 0;
@@ -170,6 +179,7 @@ class SamplingFamily final : public Family {
     plan.op = std::string(variant->op);
     plan.spec = {{"op", plan.op}, {"vocab_size", vocab}, {"dtype", dtype_name(dtype)}};
     if (per_row) plan.spec["per_row_params"] = true;
+    if (!order.empty()) plan.spec["filter_apply_order"] = order;
     if (blocks_per_row != default_blocks) plan.spec["blocks_per_row"] = blocks_per_row;
     if (resident_max_batch != default_max_batch) plan.spec["resident_max_batch"] = resident_max_batch;
     plan.template_name = variant->renorm ? "renorm.cu.j2" : "sampling.cu.j2";
@@ -236,7 +246,7 @@ class SamplingFamily final : public Family {
                             {"ctype", cuda_type(dtype)},
                             {"vec", vec},
                             {"threads", threads},
-                            {"filter", variant->filter},
+                            {"filter", filter},
                             {"mode", variant->filter},
                             {"logits", logits},
                             {"per_row", per_row},

@@ -26,6 +26,10 @@
 // Each pass also counts the tokens and mass above a few pivot values: a pivot with
 // k tokens (or top_p of the mass) above it is below the threshold, and lo jumps to
 // it; this bounds the rounds top-k needs on long-tailed rows.
+// Top-k then top-p (FlashInfer's "top_k_first") keeps the top-p set of the top-k
+// tokens renormalized: a first phase finds the k-th largest value t exactly (radix
+// select, 8 bits a pass), then draws are restricted to {p >= t} and top-p's mass test
+// is against the mass of that set instead of the row's.
 // Sets are tie-inclusive: tokens equal to the boundary value are all in S.
 // NaN and negative probabilities count as 0; a row with no positive entry, or one
 // that has not converged after kMaxRounds, yields its largest entry.
@@ -37,7 +41,9 @@
 
 namespace kjit::sampling {
 
-enum class Filter { none, top_k, top_p, min_p, top_k_top_p };
+// top_k_top_p: both filters on the original row (joint); top_k_then_top_p: top-p of the
+// renormalized top-k set.
+enum class Filter { none, top_k, top_p, min_p, top_k_top_p, top_k_then_top_p };
 
 struct RowParams {
   long long top_k;
@@ -64,7 +70,8 @@ struct Sampler {
   static constexpr int kMaxRounds = 64;
   static constexpr int kNone = 0x7fffffff;  // no token
   static constexpr bool kTopK = kFilter == Filter::top_k || kFilter == Filter::top_k_top_p;
-  static constexpr bool kTopP = kFilter == Filter::top_p || kFilter == Filter::top_k_top_p;
+  static constexpr bool kTopP = kFilter == Filter::top_p || kFilter == Filter::top_k_top_p || kFilter == Filter::top_k_then_top_p;
+  static constexpr bool kTopKFirst = kFilter == Filter::top_k_then_top_p;  // a threshold phase, then top-p within it
   static constexpr bool kTested = kTopK || kTopP;  // candidates wait for a counting pass
   static constexpr int kPivots = kTested ? 8 : 0;
   // Candidates drawn per round. The kernel's time is its slowest row's, so tested
@@ -113,6 +120,10 @@ struct Sampler {
     Candidate candidate[kDraws];    // written by the block that ran the draw into every block
     float block_max[kCluster];
     unsigned long long slice_loaded;  // mbarrier of the bulk copy
+    // Top-k first: digit histograms (two, so a pass never clears bins a peer still reads).
+    int radix_bins[kTopKFirst ? 2 : 1][kTopKFirst ? 256 : 1];
+    int radix_total[kTopKFirst ? 256 : 1];
+    int radix_digit, radix_above;
   };
 
   static __device__ __forceinline__ float clean(float p) { return p > 0.f ? p : 0.f; }  // NaN, negatives -> 0
@@ -221,6 +232,67 @@ struct Sampler {
     if (bulk) bulk::barrier_wait(&shared.slice_loaded, 0);
   }
 
+  // Top-k first: the k-th largest weight t, tie-inclusive ({w >= t} has at least k
+  // entries, {w > t} fewer). Weights are non-negative floats, which order as their bit
+  // patterns; each pass histograms the next 8 bits of the entries that share the bits
+  // found so far, and keeps the lowest non-empty bin with fewer than k entries above it.
+  static __device__ float top_k_threshold(const T* src, int vecs, long long k, float max_logit, float scale_log2,
+                                          Shared& shared) {
+    const int lane = threadIdx.x % 32;
+    unsigned prefix = 0, mask = 0;
+    int above = 0;  // entries above the current prefix's range (always < k)
+    for (int pass = 0; pass < 4; ++pass) {
+      const int shift = 24 - 8 * pass;
+      int* bins = shared.radix_bins[pass % 2];
+      for (int i = threadIdx.x; i < 256; i += kThreads) bins[i] = 0;
+      __syncthreads();
+      for_each_vector(src, vecs, [&](int, const Vec<T, kVec>& x) {
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) {
+          const unsigned key = __float_as_uint(weight(to_float(x[j]), max_logit, scale_log2));
+          if ((key & mask) == prefix) atomicAdd(&bins[(key >> shift) & 0xffu], 1);
+        }
+      });
+      group_sync();  // every block's bins are complete (and visible to its peers)
+      for (int i = threadIdx.x; i < 256; i += kThreads) {
+        int c = 0;
+#pragma unroll
+        for (unsigned r = 0; r < kCluster; ++r) c += kCluster > 1 ? *cluster::map(&bins[i], r) : bins[i];
+        shared.radix_total[i] = c;
+      }
+      __syncthreads();
+      if (threadIdx.x < 32) {  // lane l holds bins 8l .. 8l + 7
+        int c[8], lane_sum = 0;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) { c[i] = shared.radix_total[lane * 8 + i]; lane_sum += c[i]; }
+        int suffix = lane_sum;  // entries in this lane's bins and all higher ones
+#pragma unroll
+        for (int o = 1; o < 32; o *= 2) {
+          const int v = __shfl_down_sync(0xffffffffu, suffix, o);
+          if (lane + o < 32) suffix += v;
+        }
+        int over = above + suffix - lane_sum;  // entries above bin 8l + 7
+        int best = -1, best_above = 0;
+#pragma unroll
+        for (int i = 7; i >= 0; --i) {
+          if (c[i] > 0 && over < k) { best = lane * 8 + i; best_above = over; }
+          over += c[i];
+        }
+        // Qualifying bins run down from the top one (which always qualifies), so the
+        // lowest one is in the lowest lane that has any.
+        const int from = __ffs(__ballot_sync(0xffffffffu, best >= 0)) - 1;
+        best = __shfl_sync(0xffffffffu, best, from);
+        best_above = __shfl_sync(0xffffffffu, best_above, from);
+        if (lane == 0) { shared.radix_digit = best; shared.radix_above = best_above; }
+      }
+      __syncthreads();
+      prefix |= static_cast<unsigned>(shared.radix_digit) << shift;
+      mask |= 0xffu << shift;
+      above = shared.radix_above;
+    }
+    return __uint_as_float(prefix);
+  }
+
   static __device__ void run(const T* __restrict__ probs, int* __restrict__ samples, RowParams params,
                              unsigned long long seed, unsigned long long offset) {
     __shared__ Shared shared;
@@ -284,6 +356,8 @@ struct Sampler {
       if (!(max_logit > -__int_as_float(0x7f800000))) max_logit = 0.f;  // all -inf / NaN: every weight is 0
     }
 
+    if constexpr (kTopKFirst) floor = top_k_threshold(src, vecs, params.top_k, max_logit, scale_log2, shared);
+
     for (int round = 0; round <= kMaxRounds && result < 0; ++round) {
       Partial part;
 #pragma unroll
@@ -310,7 +384,7 @@ struct Sampler {
         for (int j = 0; j < kVec; ++j) {
           const float p = weight(to_float(x[j]), max_logit, scale_log2);
           if (round == 0) {
-            part.total += p;
+            if (!kTopKFirst || p >= floor) part.total += p;  // top-k first: the mass of the top-k set
             if (p > part.max) { part.max = p; part.argmax = (first_vec + v) * kVec + j; }
           }
           if constexpr (kTested) {
