@@ -56,20 +56,45 @@ struct DecodeCase {
   double soft_cap = 0;
   std::int64_t window = 0;
   bool return_lse = true;
+  bool fp8_kv = false;    // KV cache in fp8 e4m3 with scales
+  bool combined = false;  // K and V in one [pages, 2, ...] tensor
 
   std::string spec() const {
     return fmt::format(
-               R"({{"op": "batch_decode", "num_qo_heads": {}, "num_kv_heads": {}, "head_dim": {}, "page_size": {}, "dtype": "{}", "kv_layout": "{}")",
-               qo_heads, kv_heads, head_dim, page_size, bf16 ? "bfloat16" : "float16", layout) +
+               R"({{"op": "batch_decode", "num_qo_heads": {}, "num_kv_heads": {}, "head_dim": {}, "page_size": {}, "dtype": "{}", "kv_layout": "{}", "kv_dtype": "{}", "kv_storage": "{}")",
+               qo_heads, kv_heads, head_dim, page_size, bf16 ? "bfloat16" : "float16", layout,
+               fp8_kv ? "float8_e4m3" : bf16 ? "bfloat16" : "float16", combined ? "combined" : "separate") +
            score_options(return_lse, soft_cap, window);
   }
 };
+
+// K and V pages interleaved into one [pages, 2, page elements] tensor.
+template <class T>
+std::vector<T> combine_pages(const std::vector<T>& k, const std::vector<T>& v, std::int64_t page_elements) {
+  std::vector<T> kv(k.size() * 2);
+  for (std::size_t page = 0; page * static_cast<std::size_t>(page_elements) < k.size(); ++page) {
+    const std::size_t n = static_cast<std::size_t>(page_elements), from = page * n;
+    std::copy_n(&k[from], n, &kv[2 * from]);
+    std::copy_n(&v[from], n, &kv[2 * from + n]);
+  }
+  return kv;
+}
 
 // A paged cache holding `lengths` tokens per request, pages shuffled, plus unused pages.
 struct PagedBatch {
   std::vector<std::int32_t> indptr{0}, indices, last_page_len;
   std::int64_t num_pages = 0;
   std::vector<std::uint16_t> k, v, q;  // 16-bit storage
+  std::vector<std::uint8_t> k8, v8;    // fp8 KV: e4m3 codes of k / k_scale, v / v_scale
+  double k_scale = 1, v_scale = 1;
+
+  // The key / value element the kernel sees (dequantized for fp8).
+  double key(const DecodeCase& c, std::int64_t at) const {
+    return c.fp8_kv ? e4m3_to_double(k8[static_cast<std::size_t>(at)]) * k_scale : Half16{c.bf16}.decode(k[static_cast<std::size_t>(at)]);
+  }
+  double value(const DecodeCase& c, std::int64_t at) const {
+    return c.fp8_kv ? e4m3_to_double(v8[static_cast<std::size_t>(at)]) * v_scale : Half16{c.bf16}.decode(v[static_cast<std::size_t>(at)]);
+  }
 
   // Element offset of (page, slot, head) in the cache, as the kernels lay it out.
   std::int64_t offset(const DecodeCase& c, std::int64_t page, std::int64_t slot, std::int64_t head) const {
@@ -104,6 +129,14 @@ PagedBatch make_batch(const DecodeCase& c, const std::vector<std::int64_t>& leng
   for (auto& x : p.v) x = h.encode(normal(rng));
   p.q.resize(lengths.size() * static_cast<std::size_t>(c.qo_heads * c.head_dim));
   for (auto& x : p.q) x = h.encode(normal(rng));
+  if (c.fp8_kv) {  // scales that are not powers of two, so a missing or swapped one shows
+    p.k_scale = 0.37;
+    p.v_scale = 0.61;
+    for (std::size_t i = 0; i < p.k.size(); ++i) {
+      p.k8.push_back(double_to_e4m3(h.decode(p.k[i]) / p.k_scale));
+      p.v8.push_back(double_to_e4m3(h.decode(p.v[i]) / p.v_scale));
+    }
+  }
   return p;
 }
 
@@ -128,7 +161,7 @@ Reference reference_decode(const DecodeCase& c, const PagedBatch& p, std::int64_
       for (std::int64_t t = begin; t < len; ++t) {
         const std::int64_t at = p.token_offset(c, b, t, hk);
         double dot = 0;
-        for (std::int64_t d = 0; d < c.head_dim; ++d) dot += double(h.decode(q[d])) * h.decode(p.k[static_cast<std::size_t>(at + d)]);
+        for (std::int64_t d = 0; d < c.head_dim; ++d) dot += double(h.decode(q[d])) * p.key(c, at + d);
         double x = dot * sm_scale;
         if (c.soft_cap > 0) x = c.soft_cap * std::tanh(x / c.soft_cap);
         s.push_back(x);
@@ -142,7 +175,7 @@ Reference reference_decode(const DecodeCase& c, const PagedBatch& p, std::int64_
       for (std::int64_t t = begin; t < len; ++t) {
         const double w = std::exp(s[static_cast<std::size_t>(t - begin)] - m) / sum;
         const std::int64_t at = p.token_offset(c, b, t, hk);
-        for (std::int64_t d = 0; d < c.head_dim; ++d) o[d] += w * h.decode(p.v[static_cast<std::size_t>(at + d)]);
+        for (std::int64_t d = 0; d < c.head_dim; ++d) o[d] += w * p.value(c, at + d);
       }
     }
   }
@@ -179,10 +212,18 @@ void check_against(bool bf16, const Reference& ref, const std::vector<std::uint1
   CHECK(lse_err <= 1e-4);
 }
 
+// The cache as the spec stores it: 16-bit or fp8, separate or combined (then in k; v unused).
+DeviceMemory cache_on_device(const DecodeCase& c, const PagedBatch& p, bool values) {
+  const std::int64_t page_elements = c.page_size * c.kv_heads * c.head_dim;
+  if (c.combined && values) return DeviceMemory(1);
+  if (c.fp8_kv) return c.combined ? to_device(combine_pages(p.k8, p.v8, page_elements)) : to_device(values ? p.v8 : p.k8);
+  return c.combined ? to_device(combine_pages(p.k, p.v, page_elements)) : to_device(values ? p.v : p.k);
+}
+
 struct DeviceBatch {
   DeviceMemory q, k, v, indptr, indices, last, out, lse;
   DeviceBatch(const DecodeCase& c, const PagedBatch& p, std::int64_t batch)
-      : q(to_device(p.q)), k(to_device(p.k)), v(to_device(p.v)), indptr(to_device(p.indptr)), indices(to_device(p.indices)),
+      : q(to_device(p.q)), k(cache_on_device(c, p, false)), v(cache_on_device(c, p, true)), indptr(to_device(p.indptr)), indices(to_device(p.indices)),
         last(to_device(p.last_page_len)), out(std::max<std::size_t>(static_cast<std::size_t>(batch * c.qo_heads * c.head_dim) * 2, 2)),
         lse(std::max<std::size_t>(static_cast<std::size_t>(batch * c.qo_heads) * 4, 4)) {}
   void poison() {
@@ -205,9 +246,11 @@ void run_decode_case(const DecodeCase& c, const std::vector<std::int64_t>& lengt
   d.poison();
   const kjit::DecodePlan plan = decode.plan(p.indptr, p.last_page_len);
   DeviceMemory workspace(std::max<std::size_t>(plan.workspace_bytes, 1));
-  decode.run(plan, {d.q.get(), d.k.get(), d.v.get(), static_cast<const std::int32_t*>(d.indptr.get()),
+  const void* v_cache = c.combined ? nullptr : d.v.get();
+  const auto k_scale = static_cast<float>(p.k_scale), v_scale = static_cast<float>(p.v_scale);
+  decode.run(plan, {d.q.get(), d.k.get(), v_cache, static_cast<const std::int32_t*>(d.indptr.get()),
                     static_cast<const std::int32_t*>(d.indices.get()), static_cast<const std::int32_t*>(d.last.get()),
-                    d.out.get(), c.return_lse ? static_cast<float*>(d.lse.get()) : nullptr, workspace.get()},
+                    d.out.get(), c.return_lse ? static_cast<float*>(d.lse.get()) : nullptr, workspace.get(), k_scale, v_scale},
              sm_scale);
   synchronize();
   std::vector<float> lse = d.lse.download_as<float>();
@@ -221,9 +264,10 @@ void run_decode_case(const DecodeCase& c, const std::vector<std::int64_t>& lengt
   split.workspace_bytes = static_cast<std::size_t>(batch * forced_chunks * c.qo_heads * (c.head_dim + 1) + batch * c.qo_heads) * 4 + 768;
   DeviceMemory split_workspace(split.workspace_bytes);
   d.poison();
-  decode.run(split, {d.q.get(), d.k.get(), d.v.get(), static_cast<const std::int32_t*>(d.indptr.get()),
+  decode.run(split, {d.q.get(), d.k.get(), v_cache, static_cast<const std::int32_t*>(d.indptr.get()),
                      static_cast<const std::int32_t*>(d.indices.get()), static_cast<const std::int32_t*>(d.last.get()),
-                     d.out.get(), c.return_lse ? static_cast<float*>(d.lse.get()) : nullptr, split_workspace.get()},
+                     d.out.get(), c.return_lse ? static_cast<float*>(d.lse.get()) : nullptr, split_workspace.get(), k_scale,
+                     v_scale},
              sm_scale);
   synchronize();
   lse = d.lse.download_as<float>();
@@ -260,56 +304,105 @@ TEST_CASE("batch decode: batch 1, long KV split over blocks, and the spec option
   run_decode_case({64, 4, 64, 64, "HND"}, {1, 2, 3}, rng);                                   // group 16, tiny
 }
 
+TEST_CASE("batch decode: fp8 e4m3 KV with scales, and K/V combined in one tensor", "[gpu][attention]") {
+  std::mt19937_64 rng(13);
+  const std::vector<std::int64_t> lengths = {0, 1, 15, 16, 17, 1000, 33, 300};
+  for (std::int64_t head_dim : {64, 128, 256})
+    for (const char* layout : {"NHD", "HND"})
+      for (bool combined : {false, true})
+        for (bool fp8 : {false, true}) {
+          if (!fp8 && !combined) continue;  // the plain cache is the first test's
+          DecodeCase c{32, 8, head_dim, 16, layout};
+          c.fp8_kv = fp8;
+          c.combined = combined;
+          run_decode_case(c, lengths, rng);
+        }
+  DecodeCase long_fp8{32, 8, 128, 1};
+  long_fp8.fp8_kv = true;
+  run_decode_case(long_fp8, {32768}, rng, 5);  // split over blocks
+  DecodeCase fp16_fp8{16, 2, 128, 32, "NHD", false, 30.0};
+  fp16_fp8.fp8_kv = true;
+  run_decode_case(fp16_fp8, lengths, rng);  // float16 queries, soft cap
+
+  kjit::BatchDecode combined(engine(), DecodeCase{8, 2, 128, 16, "NHD", true, 0, 0, true, false, true}.spec());
+  kjit::DecodePlan one{1, 1, 1, 0};
+  int dummy = 0;
+  CHECK_THROWS_WITH(combined.run(one, {&dummy, &dummy, &dummy, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr}, 0.1),
+                    Catch::Contains("leave v_cache null"));
+}
+
+namespace {
+
+// Appends ragged tokens (random bit patterns: the kernel copies, so equality is exact)
+// and checks that exactly the valid tokens' rows changed.
+template <class T>
+void run_append_case(const char* dtype, const char* layout, std::int64_t page_size, bool combined, std::mt19937_64& rng) {
+  DecodeCase c{8, 4, 128, page_size, layout};
+  // Requests already hold `before` tokens; `added` are appended, so lengths grow.
+  const std::vector<std::int64_t> before = {0, 15, 16, 100, 3}, added = {5, 1, 17, 0, 40};
+  std::vector<std::int64_t> after(before.size());
+  for (std::size_t b = 0; b < before.size(); ++b) after[b] = before[b] + added[b];
+  PagedBatch p = make_batch(c, after, rng);  // its page table; the cache contents are drawn here
+  std::vector<T> cache_k(p.k.size()), cache_v(p.v.size());
+  for (auto& x : cache_k) x = static_cast<T>(rng());
+  for (auto& x : cache_v) x = static_cast<T>(rng());
+  std::vector<std::int32_t> batch_indices, positions;
+  for (std::size_t b = 0; b < before.size(); ++b)
+    for (std::int64_t t = before[b]; t < after[b]; ++t) {
+      batch_indices.push_back(static_cast<std::int32_t>(b));
+      positions.push_back(static_cast<std::int32_t>(t));
+    }
+  // Two tokens with bad indices: skipped, never written anywhere.
+  batch_indices.push_back(99);
+  positions.push_back(0);
+  batch_indices.push_back(1);
+  positions.push_back(static_cast<std::int32_t>(after[1]));
+  const auto nnz = static_cast<std::int64_t>(positions.size());
+  std::vector<T> new_k(static_cast<std::size_t>(nnz * c.kv_heads * c.head_dim)), new_v(new_k.size());
+  for (auto& x : new_k) x = static_cast<T>(rng());
+  for (auto& x : new_v) x = static_cast<T>(rng());
+  const std::int64_t page_elements = c.page_size * c.kv_heads * c.head_dim;
+  DeviceMemory dk = combined ? to_device(combine_pages(cache_k, cache_v, page_elements)) : to_device(cache_k),
+               dv = to_device(cache_v), dnk = to_device(new_k), dnv = to_device(new_v), dbi = to_device(batch_indices),
+               dpos = to_device(positions), dind = to_device(p.indices), dptr = to_device(p.indptr),
+               dlast = to_device(p.last_page_len);
+  kjit::Kernel append = engine().get(fmt::format(
+      R"({{"op": "append_paged_kv_cache", "num_kv_heads": {}, "head_dim": {}, "page_size": {}, "dtype": "{}", "kv_layout": "{}", "kv_storage": "{}"}})",
+      c.kv_heads, c.head_dim, page_size, dtype, layout, combined ? "combined" : "separate"));
+  std::vector<kjit::Arg> args{dnk.get(), dnv.get(), dbi.get(), dpos.get(), dk.get()};
+  if (!combined) args.emplace_back(dv.get());
+  args.insert(args.end(), {kjit::Arg(dind.get()), kjit::Arg(dptr.get()), kjit::Arg(dlast.get()), kjit::Arg(nnz),
+                           kjit::Arg(static_cast<std::int64_t>(before.size()))});
+  append.launch(args);
+  synchronize();
+  // Expected: the old cache with each valid new token's rows in place.
+  std::vector<T> want_k = cache_k, want_v = cache_v;
+  for (std::int64_t i = 0; i + 2 < nnz; ++i)
+    for (std::int64_t hk = 0; hk < c.kv_heads; ++hk) {
+      const std::int64_t at = p.token_offset(c, batch_indices[static_cast<std::size_t>(i)], positions[static_cast<std::size_t>(i)], hk);
+      for (std::int64_t d = 0; d < c.head_dim; ++d) {
+        want_k[static_cast<std::size_t>(at + d)] = new_k[static_cast<std::size_t>((i * c.kv_heads + hk) * c.head_dim + d)];
+        want_v[static_cast<std::size_t>(at + d)] = new_v[static_cast<std::size_t>((i * c.kv_heads + hk) * c.head_dim + d)];
+      }
+    }
+  INFO(dtype << " " << layout << " page " << page_size << (combined ? " combined" : ""));
+  if (combined) {
+    CHECK(dk.download_as<T>() == combine_pages(want_k, want_v, page_elements));
+  } else {
+    CHECK(dk.download_as<T>() == want_k);
+    CHECK(dv.download_as<T>() == want_v);
+  }
+}
+
+}  // namespace
+
 TEST_CASE("append_paged_kv_cache writes ragged tokens into their pages", "[gpu][attention]") {
   std::mt19937_64 rng(5);
   for (const char* layout : {"NHD", "HND"})
-    for (std::int64_t page_size : {1, 16, 64}) {
-      DecodeCase c{8, 4, 128, page_size, layout};
-      // Requests already hold `before` tokens; `added` are appended, so lengths grow.
-      const std::vector<std::int64_t> before = {0, 15, 16, 100, 3}, added = {5, 1, 17, 0, 40};
-      std::vector<std::int64_t> after(before.size());
-      for (std::size_t b = 0; b < before.size(); ++b) after[b] = before[b] + added[b];
-      PagedBatch p = make_batch(c, after, rng);
-      const Half16 h{c.bf16};
-      std::vector<std::int32_t> batch_indices, positions;
-      for (std::size_t b = 0; b < before.size(); ++b)
-        for (std::int64_t t = before[b]; t < after[b]; ++t) {
-          batch_indices.push_back(static_cast<std::int32_t>(b));
-          positions.push_back(static_cast<std::int32_t>(t));
-        }
-      // Two tokens with bad indices: skipped, never written anywhere.
-      batch_indices.push_back(99);
-      positions.push_back(0);
-      batch_indices.push_back(1);
-      positions.push_back(static_cast<std::int32_t>(after[1]));
-      const auto nnz = static_cast<std::int64_t>(positions.size());
-      std::vector<std::uint16_t> new_k(static_cast<std::size_t>(nnz * c.kv_heads * c.head_dim)), new_v(new_k.size());
-      std::normal_distribution<float> normal;
-      for (auto& x : new_k) x = h.encode(normal(rng));
-      for (auto& x : new_v) x = h.encode(normal(rng));
-      DeviceMemory dk = to_device(p.k), dv = to_device(p.v), dnk = to_device(new_k), dnv = to_device(new_v),
-                   dbi = to_device(batch_indices), dpos = to_device(positions), dind = to_device(p.indices),
-                   dptr = to_device(p.indptr), dlast = to_device(p.last_page_len);
-      kjit::Kernel append = engine().get(fmt::format(
-          R"({{"op": "append_paged_kv_cache", "num_kv_heads": {}, "head_dim": {}, "page_size": {}, "dtype": "bfloat16", "kv_layout": "{}"}})",
-          c.kv_heads, c.head_dim, page_size, layout));
-      append.launch({dnk.get(), dnv.get(), dbi.get(), dpos.get(), dk.get(), dv.get(), dind.get(), dptr.get(), dlast.get(), nnz,
-                     static_cast<std::int64_t>(before.size())});
-      synchronize();
-      // Expected: the old cache with each valid new token's rows in place.
-      std::vector<std::uint16_t> want_k = p.k, want_v = p.v;
-      for (std::int64_t i = 0; i + 2 < nnz; ++i)
-        for (std::int64_t hk = 0; hk < c.kv_heads; ++hk) {
-          const std::int64_t at = p.token_offset(c, batch_indices[static_cast<std::size_t>(i)], positions[static_cast<std::size_t>(i)], hk);
-          for (std::int64_t d = 0; d < c.head_dim; ++d) {
-            want_k[static_cast<std::size_t>(at + d)] = new_k[static_cast<std::size_t>((i * c.kv_heads + hk) * c.head_dim + d)];
-            want_v[static_cast<std::size_t>(at + d)] = new_v[static_cast<std::size_t>((i * c.kv_heads + hk) * c.head_dim + d)];
-          }
-        }
-      INFO(layout << " page " << page_size);
-      CHECK(dk.download_as<std::uint16_t>() == want_k);
-      CHECK(dv.download_as<std::uint16_t>() == want_v);
-    }
+    for (std::int64_t page_size : {1, 16, 64})
+      for (bool combined : {false, true}) run_append_case<std::uint16_t>("bfloat16", layout, page_size, combined, rng);
+  run_append_case<std::uint8_t>("float8_e4m3", "NHD", 16, false, rng);
+  run_append_case<std::uint8_t>("float8_e4m3", "HND", 1, true, rng);
 }
 
 TEST_CASE("merge_state and merge_states equal one pass over all the keys", "[gpu][attention]") {
@@ -428,12 +521,15 @@ struct PrefillCase {
   bool return_lse = true;
   std::int64_t page_size = 0;  // > 0: K/V in a paged cache (append attention)
   std::string layout = "NHD";
+  bool combined = false;       // paged: K and V in one [pages, 2, ...] tensor
 
   std::string spec() const {
     return fmt::format(
                R"({{"op": "batch_prefill", "num_qo_heads": {}, "num_kv_heads": {}, "head_dim": {}, "dtype": "{}", "causal": {}{})",
                qo_heads, kv_heads, head_dim, bf16 ? "bfloat16" : "float16", causal,
-               page_size > 0 ? fmt::format(R"(, "paged": true, "page_size": {}, "kv_layout": "{}")", page_size, layout) : "") +
+               page_size > 0 ? fmt::format(R"(, "paged": true, "page_size": {}, "kv_layout": "{}", "kv_storage": "{}")", page_size,
+                                           layout, combined ? "combined" : "separate")
+                             : "") +
            score_options(return_lse, soft_cap, window);
   }
 };
@@ -510,7 +606,9 @@ void run_prefill_case(const PrefillCase& c, const std::vector<std::pair<std::int
         }
   }
   const bool paged = c.page_size > 0;
-  DeviceMemory dq = to_device(q), dk = to_device(paged ? pages.k : k), dv = to_device(paged ? pages.v : v),
+  const std::int64_t page_elements = c.page_size * c.kv_heads * c.head_dim;
+  DeviceMemory dq = to_device(q), dk = to_device(!paged ? k : c.combined ? combine_pages(pages.k, pages.v, page_elements) : pages.k),
+               dv = to_device(paged ? pages.v : v),
                dqi = to_device(qo_indptr), dki = to_device(paged ? pages.indptr : kv_indptr),
                dind = to_device(pages.indices), dlast = to_device(pages.last_page_len);
   DeviceMemory out(std::max<std::size_t>(q.size() * 2, 2)), lse(std::max<std::size_t>(ref.lse.size() * 4, 4));
@@ -518,7 +616,9 @@ void run_prefill_case(const PrefillCase& c, const std::vector<std::pair<std::int
   lse.fill(0xff);
   kjit::Kernel prefill = engine().get(c.spec());
   const auto batch = static_cast<std::int64_t>(lengths.size());
-  std::vector<kjit::Arg> args{dq.get(), dk.get(), dv.get(), dqi.get(), dki.get()};
+  std::vector<kjit::Arg> args{dq.get(), dk.get()};
+  if (!c.combined) args.emplace_back(dv.get());
+  args.insert(args.end(), {kjit::Arg(dqi.get()), kjit::Arg(dki.get())});
   if (paged) args.insert(args.end(), {kjit::Arg(dind.get()), kjit::Arg(dlast.get())});
   args.emplace_back(out.get());
   if (c.return_lse) args.emplace_back(lse.get());
@@ -558,4 +658,11 @@ TEST_CASE("batch prefill matches float64 attention on ragged requests", "[gpu][a
         c.layout = layout;
         run_prefill_case(c, lengths, rng);
       }
+  for (const char* layout : {"NHD", "HND"}) {  // K and V combined in one tensor
+    PrefillCase c{32, 8, 128};
+    c.page_size = 16;
+    c.layout = layout;
+    c.combined = true;
+    run_prefill_case(c, lengths, rng);
+  }
 }

@@ -99,7 +99,11 @@ TEST_CASE("every sampling variant compiles for sm_90a", "[compile][sampling]") {
   }
   // Rows streamed from global memory, and clusters of every size.
   for (int blocks : {0, 2, 3, 5, 8})
-    specs.push_back(fmt::format(R"({{"op": "top_k_top_p_sampling_from_logits", "vocab_size": 151936, "dtype": "bfloat16", "blocks_per_row": {}}})", blocks));
+    for (const char* order : {"top_k_first", "joint"})
+      specs.push_back(fmt::format(
+          R"({{"op": "top_k_top_p_sampling_from_logits", "vocab_size": 151936, "dtype": "bfloat16", "blocks_per_row": {}, "filter_apply_order": "{}"}})",
+          blocks, order));
+  specs.push_back(R"({"op": "top_k_top_p_sampling_from_probs", "vocab_size": 128256, "dtype": "float32", "filter_apply_order": "joint"})");
   for (const char* dtype : {"float32", "float16", "bfloat16"})
     for (int vocab : {128256, 17})
       specs.push_back(fmt::format(R"({{"op": "chain_speculative_sampling", "vocab_size": {}, "dtype": "{}"}})", vocab, dtype));
@@ -120,6 +124,18 @@ TEST_CASE("every attention variant in a representative grid compiles for sm_90a"
               2 * group, head_dim, page_size, layout));
   specs.push_back(R"({"op": "batch_decode", "num_qo_heads": 32, "num_kv_heads": 8, "head_dim": 128, "page_size": 64, "dtype": "float16", "logits_soft_cap": 50, "sliding_window": 4096, "return_lse": false})");
   specs.push_back(R"({"op": "batch_decode", "num_qo_heads": 40, "num_kv_heads": 8, "head_dim": 128, "page_size": 32, "dtype": "bfloat16"})");  // group 5
+  // fp8 e4m3 KV, and K/V combined in one tensor.
+  for (int head_dim : {64, 128, 256})
+    for (int group : {1, 8, 16})
+      for (const char* storage : {"separate", "combined"})
+        specs.push_back(fmt::format(
+            R"({{"op": "batch_decode", "num_qo_heads": {}, "num_kv_heads": 2, "head_dim": {}, "page_size": 16, "dtype": "bfloat16", "kv_dtype": "float8_e4m3", "kv_storage": "{}"}})",
+            2 * group, head_dim, storage));
+  specs.push_back(R"({"op": "batch_decode", "num_qo_heads": 32, "num_kv_heads": 8, "head_dim": 128, "page_size": 1, "dtype": "float16", "kv_layout": "HND", "kv_storage": "combined", "logits_soft_cap": 30})");
+  for (const char* dtype : {"bfloat16", "float8_e4m3"})
+    for (const char* storage : {"separate", "combined"})
+      specs.push_back(fmt::format(R"({{"op": "append_paged_kv_cache", "num_kv_heads": 8, "head_dim": 64, "page_size": 16, "dtype": "{}", "kv_storage": "{}"}})",
+                                  dtype, storage));
   for (const char* layout : {"NHD", "HND"})
     for (int page_size : {1, 16, 32, 64})
       specs.push_back(fmt::format(R"({{"op": "append_paged_kv_cache", "num_kv_heads": 8, "head_dim": 128, "page_size": {}, "dtype": "bfloat16", "kv_layout": "{}"}})",
@@ -199,6 +215,7 @@ TEST_CASE("every prefill variant in a representative grid compiles for sm_90a", 
       specs.push_back(fmt::format(
           R"({{"op": "batch_prefill", "num_qo_heads": 32, "num_kv_heads": 8, "head_dim": {}, "dtype": "bfloat16", "paged": true, "page_size": 16, "kv_layout": "{}"}})",
           head_dim, layout));
+  specs.push_back(R"({"op": "batch_prefill", "num_qo_heads": 32, "num_kv_heads": 8, "head_dim": 128, "dtype": "bfloat16", "paged": true, "page_size": 16, "kv_storage": "combined"})");
   auto [built, failures] = build_all(specs);
   for (const auto& a : built)
     if (a.info.spill_bytes != 0) failures.push_back(fmt::format("{}: spills {} bytes", a.info.spec, a.info.spill_bytes));

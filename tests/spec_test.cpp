@@ -139,7 +139,11 @@ TEST_CASE("spec refusals name the field, the value and what is allowed", "[spec]
         "spec for op \"batch_decode\": field \"page_size\" = 0 is out of range: allowed 1..1024");
   CHECK(refusal(R"({"op": "batch_decode", "num_qo_heads": 32, "num_kv_heads": 6, "head_dim": 128, "page_size": 16, "dtype": "bfloat16"})") ==
         "spec for op \"batch_decode\": field \"num_kv_heads\" = 6 does not divide num_qo_heads = 32");
-  CHECK_THAT(refusal("{" + decode + R"(, "head_dim": 128, "page_size": 16, "kv_dtype": "float8_e4m3"})"), Contains("kv_dtype"));
+  CHECK(refusal("{" + decode + R"(, "head_dim": 128, "page_size": 16, "kv_dtype": "float16"})") ==
+        "spec for op \"batch_decode\": field \"kv_dtype\" = float16 must be dtype (bfloat16) or float8_e4m3");
+  CHECK_THAT(refusal("{" + decode + R"(, "head_dim": 128, "page_size": 16, "kv_dtype": "float8_e5m2"})"), Contains("field \"kv_dtype\""));
+  CHECK_THAT(refusal("{" + decode + R"(, "head_dim": 128, "page_size": 16, "kv_storage": "interleaved"})"),
+             Contains("field \"kv_storage\""));
   CHECK_THAT(refusal(R"({"op": "batch_decode", "num_qo_heads": 32, "num_kv_heads": 8, "head_dim": 128, "page_size": 16, "dtype": "float32"})"),
              Contains("field \"dtype\""));
   CHECK_THAT(refusal("{" + decode + R"(, "head_dim": 128, "page_size": 16, "kv_layout": "NDH"})"), Contains("field \"kv_layout\""));
@@ -180,10 +184,10 @@ TEST_CASE("FlashInfer-Bench definitions import", "[spec][definition]") {
   const std::string shared = kSource + "/../shared/definitions/";
   if (std::string gqa = read(shared + "gqa_paged/gqa_paged_decode_h32_kv8_d128_ps1.json"); !gqa.empty())
     CHECK(plan(gqa).spec.dump() ==
-          R"({"dtype":"bfloat16","head_dim":128,"kv_layout":"NHD","num_kv_heads":8,"num_qo_heads":32,"op":"batch_decode","page_size":1,"return_lse":true})");
+          R"({"dtype":"bfloat16","head_dim":128,"kv_dtype":"bfloat16","kv_layout":"NHD","kv_storage":"separate","num_kv_heads":8,"num_qo_heads":32,"op":"batch_decode","page_size":1,"return_lse":true})");
   if (std::string prefill = read(shared + "gqa_paged/gqa_paged_prefill_causal_h32_kv8_d128_ps1.json"); !prefill.empty())
     CHECK(plan(prefill).spec.dump() ==
-          R"({"causal":true,"dtype":"bfloat16","head_dim":128,"kv_layout":"NHD","num_kv_heads":8,"num_qo_heads":32,"op":"batch_prefill","page_size":1,"paged":true,"return_lse":true})");
+          R"({"causal":true,"dtype":"bfloat16","head_dim":128,"kv_layout":"NHD","kv_storage":"separate","num_kv_heads":8,"num_qo_heads":32,"op":"batch_prefill","page_size":1,"paged":true,"return_lse":true})");
   if (std::string ragged = read(shared + "gqa_ragged/gqa_ragged_prefill_causal_h32_kv8_d128.json"); !ragged.empty())
     CHECK(plan(ragged).spec.dump() ==
           R"({"causal":true,"dtype":"bfloat16","head_dim":128,"num_kv_heads":8,"num_qo_heads":32,"op":"batch_prefill","return_lse":true})");
@@ -193,7 +197,7 @@ TEST_CASE("FlashInfer-Bench definitions import", "[spec][definition]") {
   // Sampling definitions: per-row parameters, vocabulary from the const axis.
   const std::string sampling = kSource + "/tests/data/definitions/sampling/";
   CHECK(plan(read(sampling + "top_k_top_p_sampling_from_probs_v129280.json")).spec.dump() ==
-        R"({"dtype":"float32","op":"top_k_top_p_sampling_from_probs","per_row_params":true,"vocab_size":129280})");
+        R"({"dtype":"float32","filter_apply_order":"top_k_first","op":"top_k_top_p_sampling_from_probs","per_row_params":true,"vocab_size":129280})");
   CHECK(plan(read(sampling + "top_p_sampling_from_probs_v151936.json")).spec["op"] == "top_p_sampling_from_probs");
   CHECK(plan(read(sampling + "top_k_sampling_from_probs_v128256.json")).params[2].dtype == kjit::DType::int32);
 }

@@ -32,6 +32,8 @@ struct DecodePlan {
 };
 
 // Device pointers for one step; lse is null when the spec says "return_lse": false.
+// With "kv_storage": "combined", k_cache is the [pages, 2, ...] tensor and v_cache null.
+// k_scale, v_scale: the dequantization factors of an fp8 KV cache (ignored otherwise).
 struct DecodeBuffers {
   const void* q;
   const void* k_cache;
@@ -42,6 +44,8 @@ struct DecodeBuffers {
   void* output;
   float* lse;
   void* workspace;
+  float k_scale = 1.f;
+  float v_scale = 1.f;
 };
 
 // The split rule by itself: requests of kv_lengths tokens (after any sliding window),
@@ -64,7 +68,7 @@ class BatchDecode {
  private:
   Kernel decode_, merge_;
   std::int64_t num_qo_heads_ = 0, head_dim_ = 0, page_size_ = 0, window_ = 0, blocks_per_request_ = 0;
-  bool return_lse_ = true;
+  bool return_lse_ = true, combined_ = false, scaled_ = false;
   int num_sms_ = 0;
 };
 

@@ -83,7 +83,9 @@ kjit_status kjit_render(kjit_engine* engine, const char* spec_json, char* buffer
 /* Batch decode over a paged KV cache with a plan/run split (kjit/attention.hpp).
  * plan: host copies of kv_indptr (batch_size + 1) and kv_last_page_len (batch_size);
  * run: device pointers; lse may be NULL when the spec has "return_lse": false;
- * workspace: plan.workspace_bytes of device memory (NULL when 0). */
+ * workspace: plan.workspace_bytes of device memory (NULL when 0); a "combined" KV cache
+ * is passed as k_cache with v_cache NULL; k_scale and v_scale dequantize an fp8 KV cache
+ * (pass 1.0 otherwise). */
 typedef struct kjit_batch_decode kjit_batch_decode;
 typedef struct kjit_decode_plan {
   int64_t batch_size;
@@ -98,7 +100,8 @@ kjit_status kjit_batch_decode_plan(const kjit_batch_decode* decode, const int32_
 kjit_status kjit_batch_decode_run(const kjit_batch_decode* decode, const kjit_decode_plan* plan, const void* q,
                                   const void* k_cache, const void* v_cache, const int32_t* kv_indptr,
                                   const int32_t* kv_indices, const int32_t* kv_last_page_len, void* output,
-                                  float* lse, void* workspace, double sm_scale, void* stream);
+                                  float* lse, void* workspace, double sm_scale, double k_scale, double v_scale,
+                                  void* stream);
 
 const char* kjit_last_error(void);
 const char* kjit_version(void);

@@ -24,7 +24,7 @@ def _declare():
     _lib.kjit_batch_decode_destroy.restype = None
     _lib.kjit_batch_decode_plan.argtypes = [vp, P(ctypes.c_int32), P(ctypes.c_int32), ctypes.c_int64, P(DecodePlan)]
     _lib.kjit_batch_decode_plan.restype = ctypes.c_int
-    _lib.kjit_batch_decode_run.argtypes = [vp, P(DecodePlan)] + [vp] * 9 + [ctypes.c_double, vp]
+    _lib.kjit_batch_decode_run.argtypes = [vp, P(DecodePlan)] + [vp] * 9 + [ctypes.c_double] * 3 + [vp]
     _lib.kjit_batch_decode_run.restype = ctypes.c_int
 
 
@@ -59,7 +59,10 @@ class BatchDecode:
         self._workspace = torch.empty(max(plan.workspace_bytes, 1), dtype=torch.uint8, device=kv_indptr.device)
         return plan
 
-    def run(self, q, k_cache, v_cache, kv_indptr, kv_indices, kv_last_page_len, sm_scale, out=None, lse=None):
+    def run(self, q, k_cache, v_cache, kv_indptr, kv_indices, kv_last_page_len, sm_scale, out=None, lse=None,
+            k_scale=1.0, v_scale=1.0):
+        """v_cache is None for a combined [pages, 2, ...] cache passed as k_cache; k_scale and
+        v_scale dequantize an fp8 cache."""
         import torch
         if self._plan is None:
             self.plan(kv_indptr, kv_last_page_len)
@@ -68,8 +71,9 @@ class BatchDecode:
         if lse is None:
             lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
         stream = torch.cuda.current_stream(q.device).cuda_stream
-        ptr = lambda t: ctypes.c_void_p(t.data_ptr())  # noqa: E731
+        ptr = lambda t: ctypes.c_void_p(t.data_ptr() if t is not None else None)  # noqa: E731
         _check(_lib.kjit_batch_decode_run(self._handle, ctypes.byref(self._plan), ptr(q), ptr(k_cache), ptr(v_cache),
                                           ptr(kv_indptr), ptr(kv_indices), ptr(kv_last_page_len), ptr(out), ptr(lse),
-                                          ptr(self._workspace), float(sm_scale), ctypes.c_void_p(stream or None)))
+                                          ptr(self._workspace), float(sm_scale), float(k_scale), float(v_scale),
+                                          ctypes.c_void_p(stream or None)))
         return out, lse

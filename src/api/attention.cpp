@@ -2,6 +2,7 @@
 #include "kjit/attention.hpp"
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 
 #include <fmt/format.h>
@@ -72,6 +73,8 @@ BatchDecode::BatchDecode(Engine& engine, std::string_view spec_json) {
   page_size_ = spec["page_size"];
   window_ = spec.value("sliding_window", std::int64_t{0});
   return_lse_ = spec["return_lse"];
+  combined_ = spec["kv_storage"] == "combined";
+  scaled_ = spec["kv_dtype"] == "float8_e4m3";
   blocks_per_request_ = families::plan_spec(spec::parse_spec(info.spec)).launch.grid[2].constant;
   merge_ = engine.get(nlohmann::json{{"op", "merge_states"},
                                      {"num_heads", num_qo_heads_},
@@ -107,14 +110,22 @@ void BatchDecode::run(const DecodePlan& plan, const DecodeBuffers& b, double sm_
   char* ws = static_cast<char*>(b.workspace);
   void* partial_output = w.total ? ws + w.partial_output : nullptr;
   void* partial_lse = w.total ? ws + w.partial_lse : nullptr;
-  const void* po = partial_output;
-  const void* pl = partial_lse;
-  if (return_lse_)
-    decode_.launch({b.q, b.k_cache, b.v_cache, b.kv_indptr, b.kv_indices, b.kv_last_page_len, b.output, b.lse, po, pl,
-                    plan.batch_size, plan.num_chunks, plan.chunk_size, sm_scale}, stream);
-  else
-    decode_.launch({b.q, b.k_cache, b.v_cache, b.kv_indptr, b.kv_indices, b.kv_last_page_len, b.output, po, pl,
-                    plan.batch_size, plan.num_chunks, plan.chunk_size, sm_scale}, stream);
+  if (combined_ && b.v_cache)
+    throw ArgumentError("BatchDecode::run: the spec stores K and V in one tensor (kv_storage combined): pass it as k_cache "
+                        "and leave v_cache null");
+  // The kernel's arguments in its signature's order (see plan_decode in families/attention.cpp).
+  std::array<Arg, 18> args;
+  std::size_t n = 0;
+  for (Arg a : {Arg(b.q), Arg(b.k_cache)}) args[n++] = a;
+  if (!combined_) args[n++] = b.v_cache;
+  for (Arg a : {Arg(b.kv_indptr), Arg(b.kv_indices), Arg(b.kv_last_page_len), Arg(b.output)}) args[n++] = a;
+  if (return_lse_) args[n++] = b.lse;
+  for (Arg a : {Arg(static_cast<const void*>(partial_output)), Arg(static_cast<const void*>(partial_lse)),
+                Arg(plan.batch_size), Arg(plan.num_chunks), Arg(plan.chunk_size), Arg(sm_scale)})
+    args[n++] = a;
+  if (scaled_)
+    for (Arg a : {Arg(b.k_scale), Arg(b.v_scale)}) args[n++] = a;
+  decode_.launch(std::span<const Arg>(args.data(), n), stream);
   if (plan.num_chunks > 1) {
     void* merged_lse = return_lse_ ? static_cast<void*>(b.lse) : ws + w.merged_lse;
     merge_.launch({partial_output, partial_lse, b.output, merged_lse, plan.batch_size, plan.num_chunks}, stream);

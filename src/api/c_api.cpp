@@ -178,13 +178,16 @@ kjit_status kjit_batch_decode_plan(const kjit_batch_decode* decode, const int32_
 kjit_status kjit_batch_decode_run(const kjit_batch_decode* decode, const kjit_decode_plan* plan, const void* q,
                                   const void* k_cache, const void* v_cache, const int32_t* kv_indptr,
                                   const int32_t* kv_indices, const int32_t* kv_last_page_len, void* output,
-                                  float* lse, void* workspace, double sm_scale, void* stream) {
+                                  float* lse, void* workspace, double sm_scale, double k_scale, double v_scale,
+                                  void* stream) {
   if (!decode) return null_argument("decode");
   if (!plan) return null_argument("plan");
   return guarded([&] {
     const kjit::DecodePlan p{plan->batch_size, plan->num_chunks, plan->chunk_size, plan->workspace_bytes};
-    decode->decode.run(p, {q, k_cache, v_cache, kv_indptr, kv_indices, kv_last_page_len, output, lse, workspace}, sm_scale,
-                       stream);
+    decode->decode.run(p,
+                       {q, k_cache, v_cache, kv_indptr, kv_indices, kv_last_page_len, output, lse, workspace,
+                        static_cast<float>(k_scale), static_cast<float>(v_scale)},
+                       sm_scale, stream);
   });
 }
 

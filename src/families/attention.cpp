@@ -4,16 +4,19 @@
 //    "page_size": 16, "dtype": "bfloat16"}
 //     fields: num_qo_heads (1..256), num_kv_heads (divides num_qo_heads), head_dim (64 |
 //     128 | 256), page_size (1..1024), dtype (float16 | bfloat16, q, KV and output),
-//     kv_layout (NHD | HND, default NHD), return_lse (default true), logits_soft_cap
+//     kv_layout (NHD | HND, default NHD), kv_storage (separate: k_cache and v_cache
+//     tensors, default; combined: one kv_cache [pages, 2, ...] with K then V in each
+//     page), kv_dtype (default dtype, or float8_e4m3: then the kernel takes k_scale and
+//     v_scale, the dequantization factors), return_lse (default true), logits_soft_cap
 //     (>= 0, 0: none), sliding_window (tokens attended from the end, 0: all)
 //   {"op": "batch_prefill", "num_qo_heads": 32, "num_kv_heads": 8, "head_dim": 128,
 //    "dtype": "bfloat16"}    ragged queries and contiguous K/V by qo_indptr / kv_indptr (a
 //     single request is a batch of 1); causal (default true, aligned to the last key),
 //     return_lse, logits_soft_cap, sliding_window as for decode; "paged": true reads K/V
-//     from a paged cache (page_size, kv_layout; kv_indptr then indexes pages, and
+//     from a paged cache (page_size, kv_layout, kv_storage; kv_indptr then indexes pages, and
 //     kv_indices, kv_last_page_len follow it): append attention, after append_paged_kv_cache
 //   {"op": "append_paged_kv_cache", "num_kv_heads": 8, "head_dim": 128, "page_size": 16,
-//    "dtype": "bfloat16"}    (kv_layout as above)
+//    "dtype": "bfloat16"}    (kv_layout, kv_storage as above; dtype may be float8_e4m3)
 //   {"op": "merge_states" | "merge_state", "num_heads": 32, "head_dim": 128,
 //    "dtype": "float32"}     (out_dtype: default dtype)
 //
@@ -33,16 +36,32 @@ constexpr DType kStateDTypes[] = {DType::float32, DType::float16, DType::bfloat1
 constexpr std::int64_t kHeadDims[] = {64, 128, 256};
 constexpr std::int64_t kKeysPerTile[] = {32, 64};
 constexpr std::string_view kLayouts[] = {"NHD", "HND"};
+constexpr std::string_view kStorages[] = {"separate", "combined"};
+constexpr DType kDecodeKvDTypes[] = {DType::float16, DType::bfloat16, DType::float8_e4m3};
+constexpr DType kAppendDTypes[] = {DType::float16, DType::bfloat16, DType::float8_e4m3};
 // Query heads whose q and accumulators a thread holds (2 * 8 floats each). At
 // head_dim 256, 4 heads per block (two blocks per KV head) measured slower than 8
 // (49.8% vs 55.7% of copy bandwidth): the second read of the KV missed L2.
 constexpr int kMaxHeadsPerBlock = 8;
 
 std::vector<std::string> page_shape(const std::string& layout, std::int64_t page_size, std::int64_t kv_heads,
-                                    std::int64_t head_dim) {
+                                    std::int64_t head_dim, bool combined = false) {
   const std::string ps = std::to_string(page_size), h = std::to_string(kv_heads), d = std::to_string(head_dim);
-  if (layout == "NHD") return {"num_pages", ps, h, d};
-  return {"num_pages", h, ps, d};
+  std::vector<std::string> shape = layout == "NHD" ? std::vector<std::string>{"num_pages", ps, h, d}
+                                                   : std::vector<std::string>{"num_pages", h, ps, d};
+  if (combined) shape.insert(shape.begin() + 1, "2");
+  return shape;
+}
+
+// The paged cache's tensors: k_cache and v_cache, or one combined kv_cache.
+void push_cache_params(std::vector<Param>& p, DType dtype, const std::string& layout, std::int64_t page_size,
+                       std::int64_t kv_heads, std::int64_t head_dim, bool combined, Param::Access access) {
+  if (combined) {
+    p.push_back(tensor_param("kv_cache", dtype, page_shape(layout, page_size, kv_heads, head_dim, true), access));
+  } else {
+    p.push_back(tensor_param("k_cache", dtype, page_shape(layout, page_size, kv_heads, head_dim), access));
+    p.push_back(tensor_param("v_cache", dtype, page_shape(layout, page_size, kv_heads, head_dim), access));
+  }
 }
 
 // The fields decode and prefill share: heads, head_dim, dtype and the score options.
@@ -132,6 +151,7 @@ class AttentionFamily final : public Family {
     const bool paged = fields.boolean("paged", false);
     const std::int64_t page_size = paged ? fields.integer("page_size", 1, 1024) : 0;
     const std::string layout = paged ? fields.choice("kv_layout", kLayouts, "NHD") : "";
+    const bool combined = paged && fields.choice("kv_storage", kStorages, "separate") == "combined";
     // Tuning: keys per K/V tile. At head_dim 128, 32 keys (48 KB of shared memory, three
     // blocks per SM) measured 269 TFLOP/s against 249 for 64 keys (causal 8192).
     // (Paged tiles at head_dim 64 spill with 64 keys: the page lookups need registers too.)
@@ -144,7 +164,9 @@ class AttentionFamily final : public Family {
     plan.op = s.op;
     plan.spec = {{"op", plan.op}, {"causal", causal}};
     if (keys != default_keys) plan.spec["keys_per_tile"] = keys;
-    if (paged) plan.spec.update({{"paged", true}, {"page_size", page_size}, {"kv_layout", layout}});
+    if (paged)
+      plan.spec.update({{"paged", true}, {"page_size", page_size}, {"kv_layout", layout},
+                        {"kv_storage", combined ? "combined" : "separate"}});
     a.describe(plan.spec, plan.template_params);
     plan.template_name = "batch_prefill.cu.j2";
     plan.entry = "kjit_batch_prefill";
@@ -152,8 +174,7 @@ class AttentionFamily final : public Family {
     auto& p = plan.params;
     p.push_back(tensor_param("q", dtype, {"total_q", hq, d}));
     if (paged) {
-      p.push_back(tensor_param("k_cache", dtype, page_shape(layout, page_size, kv_heads, head_dim)));
-      p.push_back(tensor_param("v_cache", dtype, page_shape(layout, page_size, kv_heads, head_dim)));
+      push_cache_params(p, dtype, layout, page_size, kv_heads, head_dim, combined, Param::Access::read);
     } else {
       p.push_back(tensor_param("k", dtype, {"total_kv", hk, d}));
       p.push_back(tensor_param("v", dtype, {"total_kv", hk, d}));
@@ -173,6 +194,7 @@ class AttentionFamily final : public Family {
     // 64 query rows per block; K/V tiles double-buffered.
     const std::int64_t rows = 64;
     plan.template_params.update({{"causal", causal}, {"paged", paged}, {"page_size", page_size}, {"kv_layout", layout},
+                                 {"combined", combined},
                                  {"rows_per_block", rows}, {"keys_per_tile", keys},
                                  {"shared_bytes", (rows + 4 * keys) * head_dim * 2}});
     plan.launch.block[0] = 128;
@@ -188,6 +210,11 @@ class AttentionFamily final : public Family {
     const AttentionFields a = AttentionFields::read(fields);
     const std::int64_t page_size = fields.integer("page_size", 1, 1024);
     const std::string layout = fields.choice("kv_layout", kLayouts, "NHD");
+    const bool combined = fields.choice("kv_storage", kStorages, "separate") == "combined";
+    const DType kv_dtype = fields.dtype("kv_dtype", kDecodeKvDTypes, a.dtype);
+    if (kv_dtype != a.dtype && kv_dtype != DType::float8_e4m3)
+      fields.fail("kv_dtype", fmt::format("= {} must be dtype ({}) or float8_e4m3", dtype_name(kv_dtype), dtype_name(a.dtype)));
+    const bool scaled = kv_dtype == DType::float8_e4m3;
     fields.finish();
     const auto [qo_heads, kv_heads, head_dim, dtype, return_lse, soft_cap, window] = a;
 
@@ -198,7 +225,8 @@ class AttentionFamily final : public Family {
 
     KernelPlan plan;
     plan.op = s.op;
-    plan.spec = {{"op", plan.op}, {"page_size", page_size}, {"kv_layout", layout}};
+    plan.spec = {{"op", plan.op}, {"page_size", page_size}, {"kv_layout", layout},
+                 {"kv_storage", combined ? "combined" : "separate"}, {"kv_dtype", dtype_name(kv_dtype)}};
     a.describe(plan.spec, plan.template_params);
     plan.template_name = "batch_decode.cu.j2";
     plan.entry = "kjit_batch_decode";
@@ -206,8 +234,7 @@ class AttentionFamily final : public Family {
     const std::string hq = std::to_string(qo_heads), d = std::to_string(head_dim);
     auto& p = plan.params;
     p.push_back(tensor_param("q", dtype, {"batch_size", hq, d}));
-    p.push_back(tensor_param("k_cache", dtype, page_shape(layout, page_size, kv_heads, head_dim)));
-    p.push_back(tensor_param("v_cache", dtype, page_shape(layout, page_size, kv_heads, head_dim)));
+    push_cache_params(p, kv_dtype, layout, page_size, kv_heads, head_dim, combined, Param::Access::read);
     p.push_back(tensor_param("kv_indptr", DType::int32, {"batch_size_plus_one"}));
     p.push_back(tensor_param("kv_indices", DType::int32, {"num_kv_indices"}));
     p.push_back(tensor_param("kv_last_page_len", DType::int32, {"batch_size"}));
@@ -220,10 +247,21 @@ class AttentionFamily final : public Family {
     p.push_back(integer_param("num_chunks", 1, 65535));
     p.push_back(integer_param("chunk_size", 1, std::numeric_limits<std::int32_t>::max()));
     p.push_back(real_param("sm_scale"));
+    if (scaled) {
+      p.push_back(real_param("k_scale"));
+      p.push_back(real_param("v_scale"));
+    }
 
-    plan.template_params.update({{"page_size", page_size}, {"kv_layout", layout}, {"heads_per_block", heads_per_block}});
+    plan.template_params.update({{"page_size", page_size}, {"kv_layout", layout}, {"heads_per_block", heads_per_block},
+                                 {"combined", combined}, {"kv_dtype", dtype_name(kv_dtype)},
+                                 {"kv_ctype", cuda_type(kv_dtype)}, {"scaled", scaled}});
     plan.launch.block[0] = 128;
-    plan.launch.dynamic_shared_bytes = 65536;  // the cp.async stages (Decode::kSharedBytes, asserted in the template)
+    // Decode::kSharedBytes (asserted in the template): the cp.async stages (4 stages x 4
+    // tokens x K and V x 128 threads x 8 elements), reused to merge the token slots.
+    const std::int64_t stage_bytes = 4 * 4 * 2 * 128 * 8 * static_cast<std::int64_t>(dtype_size(kv_dtype));
+    const std::int64_t slots = 128 / (head_dim / 8);
+    const std::int64_t merge_bytes = slots * heads_per_block * (2 + head_dim) * 4;
+    plan.launch.dynamic_shared_bytes = static_cast<std::uint32_t>(std::max(stage_bytes, merge_bytes));
     plan.template_params["shared_bytes"] = plan.launch.dynamic_shared_bytes;
     plan.launch.grid[0] = GridDim{param_index(p, "num_chunks"), 1};
     plan.launch.grid[1] = GridDim{param_index(p, "batch_size"), 1};
@@ -236,14 +274,16 @@ class AttentionFamily final : public Family {
     const std::int64_t kv_heads = fields.integer("num_kv_heads", 1, 256);
     const std::int64_t head_dim = fields.integer_of("head_dim", kHeadDims);
     const std::int64_t page_size = fields.integer("page_size", 1, 1024);
-    const DType dtype = fields.dtype("dtype", kAttentionDTypes);
+    const DType dtype = fields.dtype("dtype", kAppendDTypes);
     const std::string layout = fields.choice("kv_layout", kLayouts, "NHD");
+    const bool combined = fields.choice("kv_storage", kStorages, "separate") == "combined";
     fields.finish();
 
     KernelPlan plan;
     plan.op = s.op;
-    plan.spec = {{"op", plan.op},        {"num_kv_heads", kv_heads},   {"head_dim", head_dim},
-                 {"page_size", page_size}, {"dtype", dtype_name(dtype)}, {"kv_layout", layout}};
+    plan.spec = {{"op", plan.op},          {"num_kv_heads", kv_heads},   {"head_dim", head_dim},
+                 {"page_size", page_size}, {"dtype", dtype_name(dtype)}, {"kv_layout", layout},
+                 {"kv_storage", combined ? "combined" : "separate"}};
     plan.template_name = "append_paged_kv_cache.cu.j2";
     plan.entry = "kjit_append_paged_kv_cache";
     const std::string hk = std::to_string(kv_heads), d = std::to_string(head_dim);
@@ -252,8 +292,7 @@ class AttentionFamily final : public Family {
     p.push_back(tensor_param("append_value", dtype, {"nnz", hk, d}));
     p.push_back(tensor_param("batch_indices", DType::int32, {"nnz"}));
     p.push_back(tensor_param("positions", DType::int32, {"nnz"}));
-    p.push_back(tensor_param("k_cache", dtype, page_shape(layout, page_size, kv_heads, head_dim), Param::Access::read_write));
-    p.push_back(tensor_param("v_cache", dtype, page_shape(layout, page_size, kv_heads, head_dim), Param::Access::read_write));
+    push_cache_params(p, dtype, layout, page_size, kv_heads, head_dim, combined, Param::Access::read_write);
     p.push_back(tensor_param("kv_indices", DType::int32, {"num_kv_indices"}));
     p.push_back(tensor_param("kv_indptr", DType::int32, {"batch_size_plus_one"}));
     p.push_back(tensor_param("kv_last_page_len", DType::int32, {"batch_size"}));
@@ -263,7 +302,7 @@ class AttentionFamily final : public Family {
     const std::int64_t threads = std::min<std::int64_t>(256, (vectors + 31) / 32 * 32);
     plan.template_params = {{"num_kv_heads", kv_heads}, {"head_dim", head_dim}, {"page_size", page_size},
                             {"dtype", dtype_name(dtype)}, {"ctype", cuda_type(dtype)}, {"kv_layout", layout},
-                            {"threads", threads}};
+                            {"combined", combined}, {"threads", threads}};
     plan.launch.block[0] = static_cast<std::uint32_t>(threads);
     plan.launch.grid[0] = GridDim{param_index(p, "nnz"), 1};
     return plan;

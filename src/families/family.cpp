@@ -41,7 +41,8 @@ std::string_view cuda_type(DType d) {
     case DType::int32: return "int";
     case DType::int64: return "long long";
     case DType::int8: return "signed char";
-    default: return "unsigned char";  // uint8 and the fp8 formats travel as bytes
+    case DType::float8_e4m3: return "__nv_fp8_e4m3";
+    default: return "unsigned char";  // uint8 and e5m2 travel as bytes
   }
 }
 

@@ -22,6 +22,11 @@ template <> struct Element<__nv_bfloat16> {
   static __device__ __forceinline__ __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
 };
 
+template <> struct Element<__nv_fp8_e4m3> {
+  static __device__ __forceinline__ float to_float(__nv_fp8_e4m3 x) { return static_cast<float>(x); }
+  static __device__ __forceinline__ __nv_fp8_e4m3 from_float(float x) { return __nv_fp8_e4m3(x); }  // saturating
+};
+
 template <typename T> __device__ __forceinline__ float to_float(T x) { return Element<T>::to_float(x); }
 template <typename T> __device__ __forceinline__ T from_float(float x) { return Element<T>::from_float(x); }
 
@@ -35,6 +40,24 @@ struct alignas(sizeof(T) * N) Vec {
   __device__ __forceinline__ T& operator[](int i) { return data[i]; }
   __device__ __forceinline__ const T& operator[](int i) const { return data[i]; }
 };
+
+// The elements of a vector as floats; fp8 e4m3 two at a time (one cvt per pair).
+template <typename T, int N>
+__device__ __forceinline__ void to_floats(const Vec<T, N>& x, float (&out)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) out[i] = to_float(x[i]);
+}
+template <int N>
+__device__ __forceinline__ void to_floats(const Vec<__nv_fp8_e4m3, N>& x, float (&out)[N]) {
+  static_assert(N % 2 == 0, "fp8 pairs");
+#pragma unroll
+  for (int i = 0; i < N; i += 2) {
+    const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(*reinterpret_cast<const __nv_fp8x2_storage_t*>(&x.data[i]), __NV_E4M3);
+    const float2 f = __half22float2(__half2(h));
+    out[i] = f.x;
+    out[i + 1] = f.y;
+  }
+}
 
 // Sum / max over groups of `kWidth` consecutive lanes (a power of two <= 32).
 template <int kWidth = 32>

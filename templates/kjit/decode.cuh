@@ -3,13 +3,16 @@
 //
 // Block (chunk, request, head group): the request's KV tokens in
 // [start + chunk * chunk_size, + chunk_size), for kHeads query heads that share one
-// KV head. kLanes threads hold one token's row (16 bytes each), so a block of 128
+// KV head. kLanes threads hold one token's row (8 elements each: 16 bytes, or 8 of
+// fp8 e4m3 KV), so a block of 128
 // threads has 128 / kLanes token slots; each slot runs its own online softmax over
 // its tokens (kUnroll tokens per step), and the slots are merged through shared
 // memory at the end. The kernel is bound by bytes in flight: each thread copies the
 // K/V pieces it will use kStages - 1 steps ahead with cp.async into its own part of
 // shared memory (no barrier needed), and loads the page indices one step before that.
 //
+// fp8 KV is dequantized by two scalars: k_scale folds into the query's scale and
+// v_scale into the output.
 // Scores are kept in the log2 domain: s = log2(e) * sm_scale * q.k, or with a soft
 // cap c: s = log2(e) * c * tanh(sm_scale * q.k / c). The log-sum-exp written out is
 // base 2 (FlashInfer's convention): lse = log2(sum_t 2^s_t). A request or chunk with
@@ -25,12 +28,13 @@
 namespace kjit::attention {
 
 template <typename TQ, typename TKV, int kHeadDim, int kQoHeads, int kKvHeads, int kHeads, paged_kv::Layout kLayout,
-          int kPageSize, bool kSoftCap, int kWindow, bool kLse>
+          int kPageSize, bool kCombined, bool kSoftCap, int kWindow, bool kLse>
 struct BatchDecode {
-  using Cache = paged_kv::PagedKv<kLayout, kPageSize, kKvHeads, kHeadDim>;
+  using Cache = paged_kv::PagedKv<kLayout, kPageSize, kKvHeads, kHeadDim, kCombined>;
   static constexpr int kGroup = kQoHeads / kKvHeads;
   static constexpr int kBlocksPerKvHead = kGroup / kHeads;
-  static constexpr int kVec = 16 / static_cast<int>(sizeof(TKV));
+  static constexpr int kVec = 8;  // elements per thread per token
+  static constexpr int kPieceBytes = kVec * static_cast<int>(sizeof(TKV));
   static constexpr int kLanes = kHeadDim / kVec;  // threads per token row
   static constexpr int kThreads = 128;
   static constexpr int kSlots = kThreads / kLanes;
@@ -38,7 +42,7 @@ struct BatchDecode {
   static constexpr int kTile = kSlots * kUnroll;  // tokens per step of the block
   static constexpr int kStages = 4;
   // Dynamic shared memory: the copy stages, reused for merging the slots at the end.
-  static constexpr int kStageBytes = kStages * kUnroll * 2 * kThreads * 16;
+  static constexpr int kStageBytes = kStages * kUnroll * 2 * kThreads * kPieceBytes;
   static constexpr float kLog2e = 1.4426950408889634f;
   static_assert(kQoHeads % kKvHeads == 0 && kGroup % kHeads == 0, "heads per block must divide the group");
   static_assert(kHeadDim % kVec == 0 && kLanes <= 32 && 32 % kLanes == 0, "a token row must fit one warp");
@@ -60,7 +64,7 @@ struct BatchDecode {
                              const int* __restrict__ kv_indptr, const int* __restrict__ kv_indices,
                              const int* __restrict__ kv_last_page_len, TQ* __restrict__ o, float* __restrict__ lse,
                              float* __restrict__ partial_o, float* __restrict__ partial_lse, int num_chunks, int chunk_size,
-                             float sm_scale, float soft_cap) {
+                             float sm_scale, float soft_cap, float k_scale, float v_scale) {
     const int chunk = blockIdx.x, b = blockIdx.y;
     const int kv_head = blockIdx.z / kBlocksPerKvHead;
     const int head0 = kv_head * kGroup + static_cast<int>(blockIdx.z % kBlocksPerKvHead) * kHeads;
@@ -74,7 +78,7 @@ struct BatchDecode {
     const int end = chunk == num_chunks - 1 ? len : min(len, start + chunk_size);
 
     // The query, scaled so that q.k is the log2-domain score (or tanh's argument).
-    const float q_scale = kSoftCap ? sm_scale / soft_cap : sm_scale * kLog2e;
+    const float q_scale = (kSoftCap ? sm_scale / soft_cap : sm_scale * kLog2e) * k_scale;
     float qr[kHeads][kVec];
 #pragma unroll
     for (int h = 0; h < kHeads; ++h) {
@@ -113,8 +117,8 @@ struct BatchDecode {
         for (int u = 0; u < kUnroll; ++u) {
           const int t = start + step * kTile + u * kSlots + slot;
           const long long at = Cache::offset_in_page(page[u], t % kPageSize, kv_head) + lane * kVec;
-          mma::copy_async(piece(step % kStages, u, 0), k_cache + at, t < end);
-          mma::copy_async(piece(step % kStages, u, 1), v_cache + at, t < end);
+          mma::copy_async<kPieceBytes>(piece(step % kStages, u, 0), k_cache + at, t < end);
+          mma::copy_async<kPieceBytes>(piece(step % kStages, u, 1), v_cache + at, t < end);
         }
       }
       mma::copy_commit();  // one group per step, empty or not
@@ -128,12 +132,21 @@ struct BatchDecode {
       copy_step(step + kStages - 1);  // into the stage the previous step has finished reading
       mma::copy_wait<kStages - 1>();
       const int t0 = start + step * kTile;
+      // 16-bit K/V are widened where used; fp8 here, a pair per cvt, once for all heads.
+      constexpr bool kWidenEarly = sizeof(TKV) == 1;
       Vec<TKV, kVec> kx[kUnroll], vx[kUnroll];
+      float kf[kWidenEarly ? kUnroll : 1][kVec], vf[kWidenEarly ? kUnroll : 1][kVec];
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         kx[u] = *piece(step % kStages, u, 0);  // zero-filled past the end
         vx[u] = *piece(step % kStages, u, 1);
+        if constexpr (kWidenEarly) {
+          to_floats(kx[u], kf[u]);
+          to_floats(vx[u], vf[u]);
+        }
       }
+      auto k_at = [&](int u, int i) { if constexpr (kWidenEarly) return kf[u][i]; else return to_float(kx[u][i]); };
+      auto v_at = [&](int u, int i) { if constexpr (kWidenEarly) return vf[u][i]; else return to_float(vx[u][i]); };
       float s[kUnroll][kHeads];
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
@@ -142,7 +155,7 @@ struct BatchDecode {
         for (int h = 0; h < kHeads; ++h) {
           float dot = 0.f;
 #pragma unroll
-          for (int i = 0; i < kVec; ++i) dot = fmaf(qr[h][i], to_float(kx[u][i]), dot);
+          for (int i = 0; i < kVec; ++i) dot = fmaf(qr[h][i], k_at(u, i), dot);
           dot = lane_group_sum(dot);
           if constexpr (kSoftCap) dot = soft_cap * kLog2e * tanhf(dot);
           s[u][h] = valid ? dot : -__int_as_float(0x7f800000);
@@ -164,7 +177,7 @@ struct BatchDecode {
           const float p = exp2f(s[u][h] - m_new);
           l[h] += p;
 #pragma unroll
-          for (int i = 0; i < kVec; ++i) acc[h][i] = fmaf(p, to_float(vx[u][i]), acc[h][i]);
+          for (int i = 0; i < kVec; ++i) acc[h][i] = fmaf(p, v_at(u, i), acc[h][i]);
         }
         m[h] = m_new;
       }
@@ -197,7 +210,7 @@ struct BatchDecode {
           o_all = fmaf(shared.acc[sl][h][d], w, o_all);
         }
       }
-      const float out = l_all > 0.f ? o_all / l_all : 0.f;
+      const float out = l_all > 0.f ? o_all / l_all * v_scale : 0.f;
       const float out_lse = l_all > 0.f ? m_all + log2f(l_all) : -__int_as_float(0x7f800000);
       const long long head = head0 + h;
       if (split) {

@@ -17,11 +17,19 @@ __device__ __forceinline__ unsigned shared_address(const void* p) {
   return static_cast<unsigned>(__cvta_generic_to_shared(p));
 }
 
-// 16 bytes global -> shared, asynchronously; zero-filled when !valid (nothing is read).
+// kBytes (16, 8 or 4) global -> shared, asynchronously; zero-filled when !valid (nothing
+// is read). 16-byte copies bypass L1 (.cg); smaller ones may only go through it (.ca).
+template <int kBytes = 16>
 __device__ __forceinline__ void copy_async(void* shared_dst, const void* global_src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(shared_address(shared_dst)), "l"(global_src),
-               "r"(valid ? 16 : 0)
-               : "memory");
+  static_assert(kBytes == 16 || kBytes == 8 || kBytes == 4, "cp.async copies 4, 8 or 16 bytes");
+  if constexpr (kBytes == 16)
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(shared_address(shared_dst)), "l"(global_src),
+                 "r"(valid ? 16 : 0)
+                 : "memory");
+  else
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;" ::"r"(shared_address(shared_dst)), "l"(global_src),
+                 "n"(kBytes), "r"(valid ? kBytes : 0)
+                 : "memory");
 }
 __device__ __forceinline__ void copy_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 template <int kPending>
