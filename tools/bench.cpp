@@ -82,6 +82,20 @@ struct Events {
   }
 };
 
+// A few warm-up calls, then `iterations` timed ones: median and minimum into r, and
+// r.gbps from r.bytes.
+template <class F>
+void time_calls(BenchResult& r, int iterations, int warm_up, F&& call) {
+  for (int i = 0; i < warm_up; ++i) call();
+  runtime::check(runtime::driver().ctx_synchronize(), "cuCtxSynchronize");
+  Events events;
+  std::vector<double> times;
+  for (int i = 0; i < iterations; ++i) times.push_back(events.time_ms(call) * 1e3);
+  r.median_us = median(times);
+  r.min_us = *std::min_element(times.begin(), times.end());
+  r.gbps = r.bytes / (r.median_us * 1e-6) / 1e9;
+}
+
 // Inputs that must be valid for the kernel to do representative work, by parameter name:
 // "*probs" rows are softmax(3 N(0, 1)) distributions, "logits" 3 N(0, 1); sampling
 // parameters take typical values.
@@ -168,14 +182,7 @@ BenchResult bench_kernel(const Kernel& kernel, const std::map<std::string, std::
       }
     }
   }
-  Events events;
-  for (int i = 0; i < 5; ++i) kernel.launch(args);
-  runtime::check(runtime::driver().ctx_synchronize(), "cuCtxSynchronize");
-  std::vector<double> times;
-  for (int i = 0; i < iterations; ++i) times.push_back(events.time_ms([&] { kernel.launch(args); }) * 1e3);
-  r.median_us = median(times);
-  r.min_us = *std::min_element(times.begin(), times.end());
-  r.gbps = r.bytes / (r.median_us * 1e-6) / 1e9;
+  time_calls(r, iterations, 5, [&] { kernel.launch(args); });
   return r;
 }
 
@@ -185,6 +192,8 @@ BenchResult bench_decode(Engine& engine, const std::string& spec, std::int64_t b
   const KernelInfo& info = decode.decode_kernel().info();
   const auto j = nlohmann::json::parse(info.spec);
   const std::int64_t qo_heads = j["num_qo_heads"], kv_heads = j["num_kv_heads"], head_dim = j["head_dim"], page_size = j["page_size"];
+  const bool combined = j["kv_storage"] == "combined";
+  const std::size_t kv_size = dtype_size(*parse_dtype(j["kv_dtype"].get<std::string>()));
   const std::int64_t pages_per_request = (kv_len + page_size - 1) / page_size, pages = batch_size * pages_per_request;
   std::vector<std::int32_t> indptr, last, indices(static_cast<std::size_t>(pages));
   for (std::int64_t b = 0; b <= batch_size; ++b) indptr.push_back(static_cast<std::int32_t>(b * pages_per_request));
@@ -192,13 +201,15 @@ BenchResult bench_decode(Engine& engine, const std::string& spec, std::int64_t b
   std::iota(indices.begin(), indices.end(), 0);
   std::mt19937 rng(7);
   std::shuffle(indices.begin(), indices.end(), rng);  // pages scattered, as a server's allocator leaves them
-  const std::size_t cache_bytes = static_cast<std::size_t>(pages * page_size * kv_heads * head_dim) * 2;
+  const std::size_t cache_bytes = static_cast<std::size_t>(pages * page_size * kv_heads * head_dim) * kv_size;
   const std::size_t q_bytes = static_cast<std::size_t>(batch_size * qo_heads * head_dim) * 2;
-  DeviceBuffer k(cache_bytes), v(cache_bytes), q(q_bytes), out(q_bytes), lse(static_cast<std::size_t>(batch_size * qo_heads) * 4);
-  std::vector<unsigned char> host(cache_bytes);
-  fill_random(host, DType::bfloat16, rng);  // finite values of either 16-bit type's range
+  // A combined cache is one tensor of twice the size, in k (v unused).
+  DeviceBuffer k(combined ? 2 * cache_bytes : cache_bytes), v(combined ? 1 : cache_bytes), q(q_bytes), out(q_bytes),
+      lse(static_cast<std::size_t>(batch_size * qo_heads) * 4);
+  std::vector<unsigned char> host(combined ? 2 * cache_bytes : cache_bytes);
+  fill_random(host, kv_size == 1 ? DType::float8_e4m3 : DType::bfloat16, rng);  // finite values of the cache's type
   k.upload(host.data());
-  v.upload(host.data());
+  if (!combined) v.upload(host.data());
   host.resize(q_bytes);
   fill_random(host, DType::bfloat16, rng);
   q.upload(host.data());
@@ -208,48 +219,43 @@ BenchResult bench_decode(Engine& engine, const std::string& spec, std::int64_t b
   if (!indices.empty()) d_indices.upload(indices.data());
   const DecodePlan plan = decode.plan(indptr, last);
   DeviceBuffer workspace(std::max<std::size_t>(plan.workspace_bytes, 1));
-  const DecodeBuffers buffers{q.get(), k.get(), v.get(), static_cast<const std::int32_t*>(d_indptr.get()),
+  const DecodeBuffers buffers{q.get(), k.get(), combined ? nullptr : v.get(), static_cast<const std::int32_t*>(d_indptr.get()),
                               static_cast<const std::int32_t*>(d_indices.get()), static_cast<const std::int32_t*>(d_last.get()),
                               out.get(), static_cast<float*>(lse.get()), workspace.get()};
   const bool return_lse = j["return_lse"];
   DecodeBuffers b = buffers;
   if (!return_lse) b.lse = nullptr;
   const double sm_scale = 1.0 / std::sqrt(static_cast<double>(head_dim));
-  for (int i = 0; i < 5; ++i) decode.run(plan, b, sm_scale);
-  runtime::check(runtime::driver().ctx_synchronize(), "cuCtxSynchronize");
-  Events events;
-  std::vector<double> times;
-  for (int i = 0; i < iterations; ++i) times.push_back(events.time_ms([&] { decode.run(plan, b, sm_scale); }) * 1e3);
   BenchResult r;
   r.spec = info.spec;
   r.shape = {{"batch_size", batch_size}, {"kv_len", kv_len}};
-  r.median_us = median(times);
-  r.min_us = *std::min_element(times.begin(), times.end());
-  r.bytes = static_cast<double>(2 * static_cast<std::size_t>(batch_size * kv_len * kv_heads * head_dim) * 2 + 2 * q_bytes);
-  r.gbps = r.bytes / (r.median_us * 1e-6) / 1e9;
+  r.bytes = static_cast<double>(2 * static_cast<std::size_t>(batch_size * kv_len * kv_heads * head_dim) * kv_size + 2 * q_bytes);
+  time_calls(r, iterations, 5, [&] { decode.run(plan, b, sm_scale); });
   if (plan_text) *plan_text = fmt::format("{} chunk(s) of {}", plan.num_chunks, plan.chunk_size);
   return r;
 }
 
 BenchResult bench_prefill(Engine& engine, const std::string& spec, std::int64_t batch_size, std::int64_t seq_len,
-                          int iterations, double* tflops) {
+                          std::int64_t kv_len, int iterations, double* tflops) {
   Kernel prefill = engine.get(spec);
   const KernelInfo& info = prefill.info();
   const auto j = nlohmann::json::parse(info.spec);
   const std::int64_t qo_heads = j["num_qo_heads"], kv_heads = j["num_kv_heads"], head_dim = j["head_dim"];
   const bool causal = j["causal"], return_lse = j["return_lse"], paged = j.value("paged", false);
   const std::int64_t page_size = j.value("page_size", std::int64_t{1});
+  const bool combined = j.value("kv_storage", std::string("separate")) == "combined";
   const std::int64_t tokens = batch_size * seq_len;
-  std::vector<std::int32_t> indptr, page_indptr, last, pages;
+  std::vector<std::int32_t> indptr, kv_indptr, page_indptr, last, pages;
   for (std::int64_t b = 0; b <= batch_size; ++b) indptr.push_back(static_cast<std::int32_t>(b * seq_len));
+  for (std::int64_t b = 0; b <= batch_size; ++b) kv_indptr.push_back(static_cast<std::int32_t>(b * kv_len));
   // Paged: each request's pages in shuffled order; the cache holds exactly those pages.
-  const std::int64_t pages_per_request = (seq_len + page_size - 1) / page_size;
+  const std::int64_t pages_per_request = (kv_len + page_size - 1) / page_size;
   for (std::int64_t b = 0; b <= batch_size; ++b) page_indptr.push_back(static_cast<std::int32_t>(b * pages_per_request));
-  last.assign(static_cast<std::size_t>(batch_size), static_cast<std::int32_t>(seq_len - (pages_per_request - 1) * page_size));
+  last.assign(static_cast<std::size_t>(batch_size), static_cast<std::int32_t>(kv_len - (pages_per_request - 1) * page_size));
   pages.resize(static_cast<std::size_t>(batch_size * pages_per_request));
   std::iota(pages.begin(), pages.end(), 0);
   std::shuffle(pages.begin(), pages.end(), std::mt19937(5));
-  const std::int64_t kv_rows = paged ? batch_size * pages_per_request * page_size : tokens;
+  const std::int64_t kv_rows = paged ? batch_size * pages_per_request * page_size : batch_size * kv_len;
   std::mt19937 rng(3);
   auto random_buffer = [&](std::size_t bytes) {
     DeviceBuffer d(bytes);
@@ -259,35 +265,85 @@ BenchResult bench_prefill(Engine& engine, const std::string& spec, std::int64_t 
     return d;
   };
   DeviceBuffer q = random_buffer(static_cast<std::size_t>(tokens * qo_heads * head_dim) * 2);
-  DeviceBuffer k = random_buffer(static_cast<std::size_t>(kv_rows * kv_heads * head_dim) * 2);
-  DeviceBuffer v = random_buffer(static_cast<std::size_t>(kv_rows * kv_heads * head_dim) * 2);
+  const std::size_t kv_bytes = static_cast<std::size_t>(kv_rows * kv_heads * head_dim) * 2;
+  DeviceBuffer k = random_buffer(combined ? 2 * kv_bytes : kv_bytes);  // combined: [pages, 2, ...] in k
+  DeviceBuffer v = random_buffer(combined ? 2 : kv_bytes);
   DeviceBuffer out(static_cast<std::size_t>(tokens * qo_heads * head_dim) * 2), lse(static_cast<std::size_t>(tokens * qo_heads) * 4);
-  DeviceBuffer d_indptr(indptr.size() * 4), d_page_indptr(page_indptr.size() * 4), d_last(std::max<std::size_t>(last.size() * 4, 4)),
+  DeviceBuffer d_indptr(indptr.size() * 4), d_kv_indptr(kv_indptr.size() * 4), d_page_indptr(page_indptr.size() * 4), d_last(std::max<std::size_t>(last.size() * 4, 4)),
       d_pages(std::max<std::size_t>(pages.size() * 4, 4));
   d_indptr.upload(indptr.data());
+  d_kv_indptr.upload(kv_indptr.data());
   d_page_indptr.upload(page_indptr.data());
   if (!last.empty()) d_last.upload(last.data());
   if (!pages.empty()) d_pages.upload(pages.data());
   const double sm_scale = 1.0 / std::sqrt(static_cast<double>(head_dim));
-  std::vector<Arg> args{q.get(), k.get(), v.get(), d_indptr.get(), paged ? d_page_indptr.get() : d_indptr.get()};
+  std::vector<Arg> args{q.get(), k.get()};
+  if (!combined) args.emplace_back(static_cast<const void*>(v.get()));
+  args.insert(args.end(), {Arg(static_cast<const void*>(d_indptr.get())),
+                           Arg(static_cast<const void*>(paged ? d_page_indptr.get() : d_kv_indptr.get()))});
   if (paged) args.insert(args.end(), {Arg(static_cast<const void*>(d_pages.get())), Arg(static_cast<const void*>(d_last.get()))});
   args.emplace_back(static_cast<const void*>(out.get()));
   if (return_lse) args.emplace_back(static_cast<const void*>(lse.get()));
   args.insert(args.end(), {Arg(batch_size), Arg(seq_len), Arg(sm_scale)});
-  for (int i = 0; i < 3; ++i) prefill.launch(args);
-  runtime::check(runtime::driver().ctx_synchronize(), "cuCtxSynchronize");
-  Events events;
-  std::vector<double> times;
-  for (int i = 0; i < iterations; ++i) times.push_back(events.time_ms([&] { prefill.launch(args); }) * 1e3);
   BenchResult r;
   r.spec = info.spec;
-  r.shape = {{"batch_size", batch_size}, {"seq_len", seq_len}};
-  r.median_us = median(times);
-  r.min_us = *std::min_element(times.begin(), times.end());
-  r.bytes = static_cast<double>(tokens * (2 * qo_heads + 2 * kv_heads) * head_dim * 2);
-  r.gbps = r.bytes / (r.median_us * 1e-6) / 1e9;
-  const double pairs = causal ? static_cast<double>(seq_len) * (seq_len + 1) / 2 : static_cast<double>(seq_len) * seq_len;
+  r.shape = {{"batch_size", batch_size}, {"seq_len", seq_len}, {"kv_len", kv_len}};
+  // Byte floor: q and the output once, K and V of every request once.
+  r.bytes = static_cast<double>(tokens * 2 * qo_heads * head_dim * 2 + batch_size * kv_len * 2 * kv_heads * head_dim * 2);
+  time_calls(r, iterations, 3, [&] { prefill.launch(args); });
+  // Visible (query, key) pairs; causal is aligned to the last key (query i sees kv_len - seq_len + i + 1).
+  const double q_len = static_cast<double>(seq_len), k_len = static_cast<double>(kv_len);
+  const double pairs = !causal ? q_len * k_len
+                               : kv_len >= seq_len ? q_len * (k_len - q_len) + q_len * (q_len + 1) / 2
+                                                   : k_len * (k_len + 1) / 2;
   if (tflops) *tflops = 4.0 * head_dim * qo_heads * pairs * batch_size / (r.median_us * 1e-6) / 1e12;
+  return r;
+}
+
+BenchResult bench_append(Engine& engine, const std::string& spec, std::int64_t batch_size, std::int64_t new_tokens,
+                         std::int64_t kv_len, int iterations) {
+  Kernel append = engine.get(spec);
+  const KernelInfo& info = append.info();
+  const auto j = nlohmann::json::parse(info.spec);
+  const std::int64_t kv_heads = j["num_kv_heads"], head_dim = j["head_dim"], page_size = j["page_size"];
+  const bool combined = j["kv_storage"] == "combined";
+  const std::size_t element = dtype_size(*parse_dtype(j["dtype"].get<std::string>()));
+  // Requests of kv_len tokens whose last new_tokens are the appended ones; pages shuffled.
+  const std::int64_t pages_per_request = (kv_len + page_size - 1) / page_size, pages = batch_size * pages_per_request;
+  std::vector<std::int32_t> indptr, last, indices(static_cast<std::size_t>(pages)), batch_indices, positions;
+  for (std::int64_t b = 0; b <= batch_size; ++b) indptr.push_back(static_cast<std::int32_t>(b * pages_per_request));
+  last.assign(static_cast<std::size_t>(batch_size), static_cast<std::int32_t>(kv_len - (pages_per_request - 1) * page_size));
+  std::iota(indices.begin(), indices.end(), 0);
+  std::mt19937 rng(11);
+  std::shuffle(indices.begin(), indices.end(), rng);
+  for (std::int64_t b = 0; b < batch_size; ++b)
+    for (std::int64_t t = kv_len - new_tokens; t < kv_len; ++t) {
+      batch_indices.push_back(static_cast<std::int32_t>(b));
+      positions.push_back(static_cast<std::int32_t>(t));
+    }
+  const auto nnz = static_cast<std::int64_t>(positions.size());
+  const std::size_t row_bytes = static_cast<std::size_t>(kv_heads * head_dim) * element;
+  const std::size_t cache_bytes = static_cast<std::size_t>(pages * page_size) * row_bytes;
+  const std::size_t new_bytes = std::max<std::size_t>(static_cast<std::size_t>(nnz) * row_bytes, 1);
+  DeviceBuffer new_k(new_bytes), new_v(new_bytes),
+      k(combined ? 2 * cache_bytes : cache_bytes), v(combined ? 1 : cache_bytes);
+  auto upload = [](const std::vector<std::int32_t>& host) {
+    DeviceBuffer d(std::max<std::size_t>(host.size() * 4, 4));
+    if (!host.empty()) d.upload(host.data());
+    return d;
+  };
+  DeviceBuffer d_batch = upload(batch_indices), d_positions = upload(positions), d_indices = upload(indices),
+               d_indptr = upload(indptr), d_last = upload(last);
+  std::vector<Arg> args{new_k.get(), new_v.get(), d_batch.get(), d_positions.get(), k.get()};
+  if (!combined) args.emplace_back(static_cast<const void*>(v.get()));
+  args.insert(args.end(), {Arg(static_cast<const void*>(d_indices.get())), Arg(static_cast<const void*>(d_indptr.get())),
+                           Arg(static_cast<const void*>(d_last.get())), Arg(nnz), Arg(batch_size)});
+  BenchResult r;
+  r.spec = info.spec;
+  r.shape = {{"batch_size", batch_size}, {"seq_len", new_tokens}, {"kv_len", kv_len}};
+  // Byte floor: the new K and V read once and written once, plus each token's two indices.
+  r.bytes = static_cast<double>(nnz) * (4.0 * static_cast<double>(row_bytes) + 8.0);
+  time_calls(r, iterations, 3, [&] { append.launch(args); });
   return r;
 }
 

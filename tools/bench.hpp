@@ -30,10 +30,16 @@ BenchResult bench_kernel(const Kernel& kernel, const std::map<std::string, std::
 BenchResult bench_decode(Engine& engine, const std::string& spec, std::int64_t batch_size, std::int64_t kv_len,
                          int iterations, std::string* plan_text = nullptr);
 
-// Batch prefill over batch_size requests of seq_len queries and keys each (ragged
-// layout); `tflops` counts the multiply-adds of the visible (query, key) pairs.
+// Batch prefill over batch_size requests of seq_len queries and kv_len keys each (ragged,
+// or paged when the spec says so: kv_len > seq_len is append attention); `tflops` counts
+// the multiply-adds of the visible (query, key) pairs, bytes are q, output, K and V once.
 BenchResult bench_prefill(Engine& engine, const std::string& spec, std::int64_t batch_size, std::int64_t seq_len,
-                          int iterations, double* tflops);
+                          std::int64_t kv_len, int iterations, double* tflops);
+
+// append_paged_kv_cache: seq_len new tokens at the end of each of batch_size requests of
+// kv_len tokens; bytes are the new K/V read and written once.
+BenchResult bench_append(Engine& engine, const std::string& spec, std::int64_t batch_size, std::int64_t new_tokens,
+                         std::int64_t kv_len, int iterations);
 
 // Device-to-device copy of 1 GiB, counting bytes read plus written (GB/s).
 double copy_bandwidth_gbps();

@@ -225,13 +225,23 @@ int cmd_bench(const std::vector<std::string>& specs, const std::map<std::string,
   }
   for (const auto& k : kernels) {
     for (const auto& shape : combos) {
-      if (k.info().op == "batch_prefill") {  // needs valid indptr arrays: built by the prefill bench
-        auto it = shape.find("seq_len"), bt = shape.find("batch_size");
-        if (it == shape.end() || bt == shape.end()) throw SpecError("benchmarking batch_prefill needs --shape batch_size=N --shape seq_len=N");
+      if (k.info().op == "batch_prefill" || k.info().op == "append_paged_kv_cache") {  // need valid index arrays
+        auto it = shape.find("seq_len"), bt = shape.find("batch_size"), kt = shape.find("kv_len");
+        if (it == shape.end() || bt == shape.end())
+          throw SpecError(fmt::format("benchmarking {} needs --shape batch_size=N --shape seq_len=N (and kv_len=N)", k.info().op));
+        const std::int64_t kv_len = kt == shape.end() ? it->second : kt->second;
+        if (kv_len < it->second && k.info().op == "append_paged_kv_cache")
+          throw SpecError("append_paged_kv_cache: kv_len must be at least seq_len (the appended tokens)");
+        const std::string shape_text = fmt::format("batch_size={} seq_len={} kv_len={}", bt->second, it->second, kv_len);
+        if (k.info().op == "append_paged_kv_cache") {
+          auto r = tools::bench_append(engine, k.info().spec, bt->second, it->second, kv_len, iterations);
+          fmt::print("{:<72} {:>22} {:>10.2f} {:>9.0f} {:>6.1f}%\n", r.spec, shape_text, r.median_us, r.gbps, 100 * r.gbps / copy);
+          continue;
+        }
         double tflops = 0;
-        auto r = tools::bench_prefill(engine, k.info().spec, bt->second, it->second, iterations, &tflops);
-        fmt::print("{:<72} {:>22} {:>10.2f} {:>9.1f} TFLOP/s\n", r.spec,
-                   fmt::format("batch_size={} seq_len={}", bt->second, it->second), r.median_us, tflops);
+        auto r = tools::bench_prefill(engine, k.info().spec, bt->second, it->second, kv_len, iterations, &tflops);
+        fmt::print("{:<72} {:>22} {:>10.2f} {:>9.1f} TFLOP/s {:>6.0f} GB/s {:>5.1f}%\n", r.spec, shape_text, r.median_us, tflops,
+                   r.gbps, 100 * r.gbps / copy);
         continue;
       }
       if (k.info().op == "batch_decode") {  // needs a valid page table: built by the decode bench

@@ -122,6 +122,16 @@ def prefill():
         t = bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True), iters=20, warm=5)
         flops = 4 * 128 * 32 * seq * (seq + 1) / 2 * batch
         print(f"{f'batch {batch} seq {seq}':<60} {t:>10.1f} {flops / (t * 1e-6) / 1e12:>8.1f}")
+    # Append attention: 16 new queries per request over 4096 keys (contiguous), the mask
+    # aligned to the last key as kjit's; GB/s counts q, output, K and V once.
+    batch, new, kv_len = 64, 16, 4096
+    q = torch.randn(batch, 32, new, 128, dtype=torch.bfloat16, device=dev)
+    k = torch.randn(batch, 8, kv_len, 128, dtype=torch.bfloat16, device=dev)
+    v = torch.randn_like(k)
+    mask = torch.ones(new, kv_len, dtype=torch.bool, device=dev).tril(kv_len - new)
+    t = bench(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True), iters=20, warm=5)
+    nbytes = 2 * q.numel() * 2 + 2 * k.numel() * 2
+    print(f"{f'append: batch {batch}, {new} queries over {kv_len} keys (GB/s)':<60} {t:>10.1f} {nbytes / (t * 1e-6) / 1e9:>8.0f}")
 
 
 if __name__ == "__main__":

@@ -163,9 +163,7 @@ class GqaPagedDecodeAdapter:
         return inputs
 
     def reference_inputs(self, definition, inputs):
-        import inspect
-        wanted = inspect.signature(load_reference(definition)).parameters
-        return {k: v for k, v in inputs.items() if k in wanted}
+        return reference_arguments(definition, inputs)
 
     def run_kjit(self, definition, kernel, inputs, outputs, keep_inputs=True):
         if self._planned is not inputs["kv_indptr"]:  # plan once per batch, as a server would
@@ -176,11 +174,96 @@ class GqaPagedDecodeAdapter:
         return {"output": outputs["output"], "lse": outputs["lse"]}
 
 
-ADAPTERS = {"rmsnorm": RmsNormAdapter(), "gqa": GqaPagedDecodeAdapter()}
+def reference_arguments(definition, inputs):
+    """The inputs the reference's run() takes (kjit may need more, e.g. kv_last_page_len)."""
+    import inspect
+    wanted = inspect.signature(load_reference(definition)).parameters
+    return {k: v for k, v in inputs.items() if k in wanted}
+
+
+class GqaPrefillAdapter:
+    """op type "gqa" with qo_indptr: ragged prefill (k, v [total_kv, kv_heads, dim] by kv_indptr)
+    or paged prefill (k_cache, v_cache [pages, page_size, kv_heads, dim], kv_indptr over
+    kv_indices), causal when the name says so, sm_scale -> output, lse (base 2). Each case is a
+    list of (query tokens, KV tokens) per request: a single prompt, append-like requests with
+    more keys than queries, an empty request, more queries than keys. Kept small: the
+    reference loops over every query and head in Python."""
+
+    cases = (((37, 37),), ((1, 100), (16, 16), (40, 200)), ((5, 5), (0, 9), (64, 64), (3, 130), (20, 19)))
+
+    def supports(self, definition):
+        return "qo_indptr" in definition["inputs"]
+
+    def axis_choices(self, definition):
+        choices = []
+        for lengths in self.cases:
+            axes = dict(const_axes(definition), len_indptr=len(lengths) + 1, total_q=sum(q for q, _ in lengths))
+            axes["kv_tokens"] = tuple(kv for _, kv in lengths)  # not an axis: read by make_inputs
+            axes["qo_tokens"] = tuple(q for q, _ in lengths)
+            choices.append(axes)
+        return choices
+
+    def make_inputs(self, definition, axes, torch, device):
+        paged = "k_cache" in definition["inputs"]
+        qo, kv = axes["qo_tokens"], axes["kv_tokens"]
+        qo_indptr = torch.tensor([0] + list(qo), dtype=torch.int32).cumsum(0).to(torch.int32)
+        inputs = {"qo_indptr": qo_indptr.to(device)}
+        if paged:
+            ps = axes["page_size"]
+            pages = torch.tensor([(n + ps - 1) // ps for n in kv])
+            kv_indptr = torch.zeros(len(kv) + 1, dtype=torch.int32)
+            kv_indptr[1:] = torch.cumsum(pages, 0)
+            total = int(kv_indptr[-1])
+            axes.update(num_kv_indices=total, num_pages=total + 3)
+            inputs["kv_indptr"] = kv_indptr.to(device)
+            inputs["kv_indices"] = torch.randperm(total + 3, dtype=torch.int32)[:total].to(device)
+            last = [n - (p - 1) * ps if p > 0 else 1 for n, p in zip(kv, pages.tolist())]
+            self._last_page_len = torch.tensor(last, dtype=torch.int32, device=device)
+        else:
+            axes["total_kv"] = sum(kv)
+            inputs["kv_indptr"] = torch.tensor([0] + list(kv), dtype=torch.int32).cumsum(0).to(torch.int32).to(device)
+        plan = tensor_plan(definition, axes)
+        for name in ("q", "k", "v", "k_cache", "v_cache"):
+            if name in definition["inputs"]:
+                shape, dtype = plan[name]
+                inputs[name] = torch.randn(shape, device=device).to(getattr(torch, dtype))
+        self._sm_scale = 1.0 / math.sqrt(axes["head_dim"])
+        inputs["sm_scale"] = torch.tensor(self._sm_scale, dtype=torch.float32, device=device)
+        self._max_qo = max(qo)
+        return inputs
+
+    def reference_inputs(self, definition, inputs):
+        return reference_arguments(definition, inputs)
+
+    def run_kjit(self, definition, kernel, inputs, outputs, keep_inputs=True):
+        batch = inputs["qo_indptr"].numel() - 1
+        if "k_cache" in inputs:
+            kernel(inputs["q"], inputs["k_cache"], inputs["v_cache"], inputs["qo_indptr"], inputs["kv_indptr"],
+                   inputs["kv_indices"], self._last_page_len, outputs["output"], outputs["lse"], batch, self._max_qo,
+                   self._sm_scale)
+        else:
+            kernel(inputs["q"], inputs["k"], inputs["v"], inputs["qo_indptr"], inputs["kv_indptr"], outputs["output"],
+                   outputs["lse"], batch, self._max_qo, self._sm_scale)
+        return {"output": outputs["output"], "lse": outputs["lse"]}
+
+
+class GqaAdapter:
+    """op type "gqa": decode or prefill, by the definition's inputs."""
+
+    def __init__(self):
+        self.parts = (GqaPrefillAdapter(), GqaPagedDecodeAdapter())
+
+    def for_definition(self, definition):
+        return next((a for a in self.parts if a.supports(definition)), None)
+
+
+ADAPTERS = {"rmsnorm": RmsNormAdapter(), "gqa": GqaAdapter()}
 
 
 def adapter_for(definition):
     adapter = ADAPTERS.get(op_type(definition))
+    if hasattr(adapter, "for_definition"):
+        adapter = adapter.for_definition(definition)
     if adapter is None or not getattr(adapter, "supports", lambda d: True)(definition):
         return None
     return adapter

@@ -59,10 +59,23 @@ class ConformanceTest(unittest.TestCase):
         self.assertGreaterEqual(len(supported), 9)
         if SHARED.exists():
             unsupported = {d["name"] for _, d in found if not conformance.adapter_for(d)}
-            # listed in the report, not dropped: MLA, and GQA prefill (only paged decode so far)
+            # listed in the report, not dropped: MLA; GQA decode and prefill run
             self.assertIn("mla_paged_decode_h16_ckv512_kpe64_ps1", unsupported)
-            self.assertIn("gqa_paged_prefill_causal_h32_kv8_d128_ps1", unsupported)
-            self.assertNotIn("gqa_paged_decode_h32_kv8_d128_ps1", unsupported)
+            for name in ("gqa_paged_decode_h32_kv8_d128_ps1", "gqa_paged_prefill_causal_h32_kv8_d128_ps1",
+                         "gqa_ragged_prefill_causal_h32_kv8_d128"):
+                self.assertNotIn(name, unsupported)
+
+    def test_prefill_cases_fill_every_axis(self):
+        if not SHARED.exists():
+            self.skipTest("no shared definitions")
+        for _, d in self.definitions():
+            adapter = conformance.adapter_for(d)
+            if not isinstance(adapter, conformance.GqaPrefillAdapter):
+                continue
+            for axes in adapter.axis_choices(d):
+                self.assertEqual(axes["len_indptr"], len(axes["qo_tokens"]) + 1)
+                self.assertEqual(axes["total_q"], sum(axes["qo_tokens"]))
+                self.assertTrue(set(conformance.var_axes(d)) - {"total_kv", "num_kv_indices", "num_pages"} <= set(axes))
 
     def test_axes_shapes_and_constraints(self):
         for path, d in self.definitions():
