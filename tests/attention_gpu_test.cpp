@@ -522,6 +522,7 @@ struct PrefillCase {
   std::int64_t page_size = 0;  // > 0: K/V in a paged cache (append attention)
   std::string layout = "NHD";
   bool combined = false;       // paged: K and V in one [pages, 2, ...] tensor
+  std::string extra;           // more spec fields, e.g. R"(, "pack_gqa": false)"
 
   std::string spec() const {
     return fmt::format(
@@ -530,6 +531,7 @@ struct PrefillCase {
                page_size > 0 ? fmt::format(R"(, "paged": true, "page_size": {}, "kv_layout": "{}", "kv_storage": "{}")", page_size,
                                            layout, combined ? "combined" : "separate")
                              : "") +
+           extra +
            score_options(return_lse, soft_cap, window);
   }
 };
@@ -658,6 +660,21 @@ TEST_CASE("batch prefill matches float64 attention on ragged requests", "[gpu][a
         c.layout = layout;
         run_prefill_case(c, lengths, rng);
       }
+  // Rows of one head per block instead of the group's (query, head) pairs; a group of 5
+  // (packed rows of a query do not align with the 64-row tiles); a group of 16.
+  for (bool paged : {false, true}) {
+    PrefillCase one_head{8, 2, 128};
+    one_head.extra = R"(, "pack_gqa": false)";
+    one_head.page_size = paged ? 16 : 0;
+    run_prefill_case(one_head, lengths, rng);
+    PrefillCase group5{10, 2, 128};
+    group5.page_size = paged ? 16 : 0;
+    run_prefill_case(group5, lengths, rng);
+    PrefillCase window5{10, 2, 64, true, true, 0, 40};
+    window5.page_size = paged ? 1 : 0;
+    run_prefill_case(window5, lengths, rng);
+  }
+  run_prefill_case({32, 2, 128}, lengths, rng);
   for (const char* layout : {"NHD", "HND"}) {  // K and V combined in one tensor
     PrefillCase c{32, 8, 128};
     c.page_size = 16;

@@ -49,9 +49,10 @@ struct DecodeBuffers {
 };
 
 // The split rule by itself: requests of kv_lengths tokens (after any sliding window),
-// blocks_per_request blocks per chunk of one request, on a GPU of num_sms SMs.
+// blocks_per_request blocks per chunk of one request, on a GPU of num_sms SMs that each
+// hold blocks_per_sm decode blocks at once.
 DecodePlan plan_decode_split(std::span<const std::int64_t> kv_lengths, std::int64_t blocks_per_request,
-                             std::int64_t num_qo_heads, std::int64_t head_dim, int num_sms);
+                             std::int64_t num_qo_heads, std::int64_t head_dim, int num_sms, int blocks_per_sm = 3);
 
 class BatchDecode {
  public:
@@ -69,7 +70,7 @@ class BatchDecode {
   Kernel decode_, merge_;
   std::int64_t num_qo_heads_ = 0, head_dim_ = 0, page_size_ = 0, window_ = 0, blocks_per_request_ = 0;
   bool return_lse_ = true, combined_ = false, scaled_ = false;
-  int num_sms_ = 0;
+  int num_sms_ = 0, blocks_per_sm_ = 0;
 };
 
 }  // namespace kjit

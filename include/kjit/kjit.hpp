@@ -156,6 +156,9 @@ class Kernel {
   }
 
   const KernelInfo& info() const;
+  // Blocks of the kernel's (unconditional) launch that fit on one SM of the current
+  // device at once: what a planner needs to size waves.
+  int max_blocks_per_sm() const;
   explicit operator bool() const { return state_ != nullptr; }
 
  private:

@@ -36,17 +36,17 @@ WorkspaceLayout workspace_layout(const DecodePlan& plan, std::int64_t heads, std
 }  // namespace
 
 DecodePlan plan_decode_split(std::span<const std::int64_t> kv_lengths, std::int64_t blocks_per_request,
-                             std::int64_t num_qo_heads, std::int64_t head_dim, int num_sms) {
+                             std::int64_t num_qo_heads, std::int64_t head_dim, int num_sms, int blocks_per_sm) {
   DecodePlan plan;
   plan.batch_size = static_cast<std::int64_t>(kv_lengths.size());
   std::int64_t longest = 0;
   for (std::int64_t len : kv_lengths) longest = std::max(longest, len);
   plan.chunk_size = std::max<std::int64_t>(longest, 1);
-  // Blocks run in waves of `slots` (three decode blocks fit an SM). Splitting every
+  // Blocks run in waves of `slots` (blocks_per_sm decode blocks fit an SM). Splitting every
   // request into c chunks gives batch * blocks_per_request * c blocks; take a c whose
   // last wave is full enough (uniform lengths make every block take the same time), with
   // chunks of at least 256 tokens (a chunk's partial state is written and read back).
-  const double slots = 3.0 * std::max(num_sms, 1);
+  const double slots = static_cast<double>(std::max(blocks_per_sm, 1)) * std::max(num_sms, 1);
   auto fullness = [&](std::int64_t c) {
     const double waves = static_cast<double>(plan.batch_size * blocks_per_request * c) / slots;
     return waves / std::ceil(waves);
@@ -83,6 +83,7 @@ BatchDecode::BatchDecode(Engine& engine, std::string_view spec_json) {
                                      {"out_dtype", spec["dtype"]}}
                           .dump());
   num_sms_ = runtime::device_info(runtime::current_device()).multiprocessors;
+  blocks_per_sm_ = decode_.max_blocks_per_sm();
 }
 
 DecodePlan BatchDecode::plan(std::span<const std::int32_t> kv_indptr, std::span<const std::int32_t> kv_last_page_len) const {
@@ -99,7 +100,7 @@ DecodePlan BatchDecode::plan(std::span<const std::int32_t> kv_indptr, std::span<
     lengths[b] = pages > 0 ? (pages - 1) * page_size_ + last : 0;
     if (window_ > 0) lengths[b] = std::min(lengths[b], window_);
   }
-  return plan_decode_split(lengths, blocks_per_request_, num_qo_heads_, head_dim_, num_sms_);
+  return plan_decode_split(lengths, blocks_per_request_, num_qo_heads_, head_dim_, num_sms_, blocks_per_sm_);
 }
 
 void BatchDecode::run(const DecodePlan& plan, const DecodeBuffers& b, double sm_scale, void* stream) const {

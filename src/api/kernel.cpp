@@ -185,6 +185,18 @@ void Kernel::launch(std::span<const Arg> args, void* stream) const {
                  "cuLaunchKernel");
 }
 
+int Kernel::max_blocks_per_sm() const {
+  if (!state_) throw ArgumentError("max_blocks_per_sm() on an empty kjit::Kernel handle");
+  const detail::KernelState& s = *state_;
+  const families::LaunchRule& launch = s.launches.back();
+  int blocks = 0;
+  runtime::check(runtime::driver().occupancy_blocks_per_sm(&blocks, s.function(runtime::current_device(), s.launches.size() - 1),
+                                                            static_cast<int>(launch.block[0] * launch.block[1] * launch.block[2]),
+                                                            launch.dynamic_shared_bytes),
+                 "cuOccupancyMaxActiveBlocksPerMultiprocessor");
+  return blocks;
+}
+
 const KernelInfo& Kernel::info() const {
   if (!state_) throw ArgumentError("info() on an empty kjit::Kernel handle");
   return state_->info;

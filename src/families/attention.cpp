@@ -8,13 +8,16 @@
 //     tensors, default; combined: one kv_cache [pages, 2, ...] with K then V in each
 //     page), kv_dtype (default dtype, or float8_e4m3: then the kernel takes k_scale and
 //     v_scale, the dequantization factors), return_lse (default true), logits_soft_cap
-//     (>= 0, 0: none), sliding_window (tokens attended from the end, 0: all)
+//     (>= 0, 0: none), sliding_window (tokens attended from the end, 0: all);
+//     tuning: pipeline_stages (2..4, steps of K/V in flight per thread)
 //   {"op": "batch_prefill", "num_qo_heads": 32, "num_kv_heads": 8, "head_dim": 128,
 //    "dtype": "bfloat16"}    ragged queries and contiguous K/V by qo_indptr / kv_indptr (a
 //     single request is a batch of 1); causal (default true, aligned to the last key),
 //     return_lse, logits_soft_cap, sliding_window as for decode; "paged": true reads K/V
 //     from a paged cache (page_size, kv_layout, kv_storage; kv_indptr then indexes pages, and
-//     kv_indices, kv_last_page_len follow it): append attention, after append_paged_kv_cache
+//     kv_indices, kv_last_page_len follow it): append attention, after append_paged_kv_cache;
+//     tuning: keys_per_tile (32 | 64), pack_gqa (default true where the group is <= 64:
+//     a block's rows are (query, head) pairs of one KV head's group)
 //   {"op": "append_paged_kv_cache", "num_kv_heads": 8, "head_dim": 128, "page_size": 16,
 //    "dtype": "bfloat16"}    (kv_layout, kv_storage as above; dtype may be float8_e4m3)
 //   {"op": "merge_states" | "merge_state", "num_heads": 32, "head_dim": 128,
@@ -157,6 +160,12 @@ class AttentionFamily final : public Family {
     // (Paged tiles at head_dim 64 spill with 64 keys: the page lookups need registers too.)
     const std::int64_t default_keys = a.head_dim <= 64 && !paged ? 64 : 32;
     const std::int64_t keys = fields.integer_of("keys_per_tile", kKeysPerTile, default_keys);
+    // A block's 64 rows: (query, head) pairs of one KV head's group, so the group shares
+    // every K/V tile (needs group <= 64), or 64 queries of one head.
+    const bool can_pack = a.qo_heads / a.kv_heads <= 64;
+    const bool pack_gqa = fields.boolean("pack_gqa", can_pack);
+    if (pack_gqa && !can_pack)
+      fields.fail("pack_gqa", fmt::format("needs a GQA group of at most 64 query heads, got {}", a.qo_heads / a.kv_heads));
     fields.finish();
     const auto [qo_heads, kv_heads, head_dim, dtype, return_lse, soft_cap, window] = a;
 
@@ -164,6 +173,7 @@ class AttentionFamily final : public Family {
     plan.op = s.op;
     plan.spec = {{"op", plan.op}, {"causal", causal}};
     if (keys != default_keys) plan.spec["keys_per_tile"] = keys;
+    if (pack_gqa != can_pack) plan.spec["pack_gqa"] = pack_gqa;
     if (paged)
       plan.spec.update({{"paged", true}, {"page_size", page_size}, {"kv_layout", layout},
                         {"kv_storage", combined ? "combined" : "separate"}});
@@ -194,13 +204,16 @@ class AttentionFamily final : public Family {
     // 64 query rows per block; K/V tiles double-buffered.
     const std::int64_t rows = 64;
     plan.template_params.update({{"causal", causal}, {"paged", paged}, {"page_size", page_size}, {"kv_layout", layout},
-                                 {"combined", combined},
+                                 {"combined", combined}, {"pack_gqa", pack_gqa},
                                  {"rows_per_block", rows}, {"keys_per_tile", keys},
                                  {"shared_bytes", (rows + 4 * keys) * head_dim * 2}});
     plan.launch.block[0] = 128;
     plan.launch.dynamic_shared_bytes = static_cast<std::uint32_t>((rows + 4 * keys) * head_dim * 2);
-    plan.launch.grid[0] = GridDim{param_index(p, "max_qo_len"), rows};
-    plan.launch.grid[1] = GridDim{-1, 1, static_cast<std::uint32_t>(qo_heads)};
+    // Packed: ceil(max_qo_len * group / 64) tiles, as ceil(max_qo_len / (64 / group)) (a few
+    // idle blocks when group does not divide 64); one block row per KV head.
+    const std::int64_t group = qo_heads / kv_heads;
+    plan.launch.grid[0] = GridDim{param_index(p, "max_qo_len"), pack_gqa ? rows / group : rows};
+    plan.launch.grid[1] = GridDim{-1, 1, static_cast<std::uint32_t>(pack_gqa ? kv_heads : qo_heads)};
     plan.launch.grid[2] = GridDim{param_index(p, "batch_size"), 1};
     return plan;
   }
@@ -215,6 +228,11 @@ class AttentionFamily final : public Family {
     if (kv_dtype != a.dtype && kv_dtype != DType::float8_e4m3)
       fields.fail("kv_dtype", fmt::format("= {} must be dtype ({}) or float8_e4m3", dtype_name(kv_dtype), dtype_name(a.dtype)));
     const bool scaled = kv_dtype == DType::float8_e4m3;
+    // Two stages (one step in flight while one is used) keep 32 KB of shared memory, so four
+    // blocks fit an SM: batch 64 x 4096 needs no KV split (378.8 us against 392.3 with four
+    // stages and three blocks per SM, which split in 3 chunks and merge; H100).
+    const std::int64_t default_stages = 2;
+    const std::int64_t stages = fields.integer("pipeline_stages", 2, 4, default_stages);
     fields.finish();
     const auto [qo_heads, kv_heads, head_dim, dtype, return_lse, soft_cap, window] = a;
 
@@ -227,6 +245,7 @@ class AttentionFamily final : public Family {
     plan.op = s.op;
     plan.spec = {{"op", plan.op}, {"page_size", page_size}, {"kv_layout", layout},
                  {"kv_storage", combined ? "combined" : "separate"}, {"kv_dtype", dtype_name(kv_dtype)}};
+    if (stages != default_stages) plan.spec["pipeline_stages"] = stages;
     a.describe(plan.spec, plan.template_params);
     plan.template_name = "batch_decode.cu.j2";
     plan.entry = "kjit_batch_decode";
@@ -254,11 +273,11 @@ class AttentionFamily final : public Family {
 
     plan.template_params.update({{"page_size", page_size}, {"kv_layout", layout}, {"heads_per_block", heads_per_block},
                                  {"combined", combined}, {"kv_dtype", dtype_name(kv_dtype)},
-                                 {"kv_ctype", cuda_type(kv_dtype)}, {"scaled", scaled}});
+                                 {"kv_ctype", cuda_type(kv_dtype)}, {"scaled", scaled}, {"stages", stages}});
     plan.launch.block[0] = 128;
-    // Decode::kSharedBytes (asserted in the template): the cp.async stages (4 stages x 4
+    // Decode::kSharedBytes (asserted in the template): the cp.async stages (stages x 4
     // tokens x K and V x 128 threads x 8 elements), reused to merge the token slots.
-    const std::int64_t stage_bytes = 4 * 4 * 2 * 128 * 8 * static_cast<std::int64_t>(dtype_size(kv_dtype));
+    const std::int64_t stage_bytes = stages * 4 * 2 * 128 * 8 * static_cast<std::int64_t>(dtype_size(kv_dtype));
     const std::int64_t slots = 128 / (head_dim / 8);
     const std::int64_t merge_bytes = slots * heads_per_block * (2 + head_dim) * 4;
     plan.launch.dynamic_shared_bytes = static_cast<std::uint32_t>(std::max(stage_bytes, merge_bytes));

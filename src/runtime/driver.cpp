@@ -48,6 +48,7 @@ const Loaded& loaded() {
     sym(a.module_get_function, "cuModuleGetFunction");
     sym(a.func_get_attribute, "cuFuncGetAttribute");
     sym(a.func_set_attribute, "cuFuncSetAttribute");
+    sym(a.occupancy_blocks_per_sm, "cuOccupancyMaxActiveBlocksPerMultiprocessor");
     sym(a.launch_kernel, "cuLaunchKernel");
     sym(a.mem_alloc, "cuMemAlloc_v2");
     sym(a.mem_free, "cuMemFree_v2");

@@ -31,6 +31,7 @@ struct DriverApi {
   decltype(&::cuFuncGetAttribute) func_get_attribute;
   decltype(&::cuFuncSetAttribute) func_set_attribute;
   decltype(&::cuLaunchKernel) launch_kernel;
+  decltype(&::cuOccupancyMaxActiveBlocksPerMultiprocessor) occupancy_blocks_per_sm;
   decltype(&::cuMemAlloc_v2) mem_alloc;
   decltype(&::cuMemFree_v2) mem_free;
   decltype(&::cuMemcpyHtoD_v2) memcpy_htod;

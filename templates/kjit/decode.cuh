@@ -28,7 +28,7 @@
 namespace kjit::attention {
 
 template <typename TQ, typename TKV, int kHeadDim, int kQoHeads, int kKvHeads, int kHeads, paged_kv::Layout kLayout,
-          int kPageSize, bool kCombined, bool kSoftCap, int kWindow, bool kLse>
+          int kPageSize, bool kCombined, bool kSoftCap, int kWindow, bool kLse, int kStages = 4>
 struct BatchDecode {
   using Cache = paged_kv::PagedKv<kLayout, kPageSize, kKvHeads, kHeadDim, kCombined>;
   static constexpr int kGroup = kQoHeads / kKvHeads;
@@ -40,10 +40,10 @@ struct BatchDecode {
   static constexpr int kSlots = kThreads / kLanes;
   static constexpr int kUnroll = 4;
   static constexpr int kTile = kSlots * kUnroll;  // tokens per step of the block
-  static constexpr int kStages = 4;
   // Dynamic shared memory: the copy stages, reused for merging the slots at the end.
   static constexpr int kStageBytes = kStages * kUnroll * 2 * kThreads * kPieceBytes;
   static constexpr float kLog2e = 1.4426950408889634f;
+  static_assert(kStages >= 2, "one step copied while another is used");
   static_assert(kQoHeads % kKvHeads == 0 && kGroup % kHeads == 0, "heads per block must divide the group");
   static_assert(kHeadDim % kVec == 0 && kLanes <= 32 && 32 % kLanes == 0, "a token row must fit one warp");
 

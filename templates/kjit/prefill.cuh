@@ -7,8 +7,12 @@
 // j <= i + kv_len - qo_len), as for chunked prefill; a sliding window W keeps keys
 // j > i + kv_len - qo_len - W. Scores, soft cap and the base-2 lse are as in decode.
 //
-// Block (query tile, head, request): Q tile in shared memory, K/V tiles of kKeys keys
-// double-buffered with cp.async; rows are swizzled (16-byte chunk c of row r stored at
+// Block (row tile, head, request): Q tile in shared memory, K/V tiles of kKeys keys
+// double-buffered with cp.async. With kPackGqa, a block's rows are (query, head) pairs of
+// one KV head's group, query-major: row p is query p / group of the group's head p % group,
+// so the group shares every K/V tile and a request with few queries (append attention,
+// speculative decoding) still fills the 64 rows; otherwise rows are queries of one head.
+// Rows are swizzled (16-byte chunk c of row r stored at
 // chunk c ^ (r % 8)) so ldmatrix reads 8 rows without bank conflicts.
 #pragma once
 
@@ -21,32 +25,33 @@ namespace kjit::attention {
 // of contiguous [tokens, kv_heads, dim] tensors. Paged: a paged KV cache (paged_kv.cuh),
 // kv_indptr indexing pages; with the new tokens appended first, this is append attention.
 // Built once per block, so the request's start is read once and kept in a register
-// (the cp.async asm's memory clobber would otherwise reload it for every row).
+// (the cp.async asm's memory clobber would otherwise reload it for every row); the
+// page table is passed to each call, read from the kernel's parameters, not a register.
 template <int kKvHeads, int kHeadDim>
 struct RaggedKv {
   int first, len;
-  __device__ __forceinline__ RaggedKv(const int* kv_indptr, const int*, const int*, int b)
+  __device__ __forceinline__ RaggedKv(const int* kv_indptr, const int*, int b)
       : first(kv_indptr[b]), len(kv_indptr[b + 1] - kv_indptr[b]) {}
   __device__ __forceinline__ int length() const { return len; }
-  __device__ __forceinline__ long long offset(int key, int head) const {
+  __device__ __forceinline__ long long offset(const int*, int key, int head) const {
     return (static_cast<long long>(first + key) * kKvHeads + head) * kHeadDim;
   }
 };
+// kv_indices is passed to each call (a kernel parameter, so no register holds it).
 template <int kKvHeads, int kHeadDim, paged_kv::Layout kLayout, int kPageSize, bool kCombined = false>
 struct PagedKvRows {
   using Cache = paged_kv::PagedKv<kLayout, kPageSize, kKvHeads, kHeadDim, kCombined>;
-  const int* pages;  // the request's page indices
-  int len;
-  __device__ __forceinline__ PagedKvRows(const int* kv_indptr, const int* kv_indices, const int* kv_last_page_len, int b)
-      : pages(kv_indices + kv_indptr[b]), len(Cache::length(kv_indptr, kv_last_page_len, b)) {}
+  int first_page, len;
+  __device__ __forceinline__ PagedKvRows(const int* kv_indptr, const int* kv_last_page_len, int b)
+      : first_page(kv_indptr[b]), len(Cache::length(kv_indptr, kv_last_page_len, b)) {}
   __device__ __forceinline__ int length() const { return len; }
-  __device__ __forceinline__ long long offset(int key, int head) const {
-    return Cache::offset_in_page(pages[key / kPageSize], key % kPageSize, head);
+  __device__ __forceinline__ long long offset(const int* kv_indices, int key, int head) const {
+    return Cache::offset_in_page(kv_indices[first_page + key / kPageSize], key % kPageSize, head);
   }
 };
 
 template <typename T, int kHeadDim, int kQoHeads, int kKvHeads, bool kCausal, bool kSoftCap, int kWindow, bool kLse,
-          int kKeys, typename KvSource = RaggedKv<kKvHeads, kHeadDim>>
+          int kKeys, typename KvSource = RaggedKv<kKvHeads, kHeadDim>, bool kPackGqa = false>
 struct BatchPrefill {
   using Kv = KvSource;
   static constexpr int kWarps = 4;
@@ -54,8 +59,13 @@ struct BatchPrefill {
   static constexpr int kRows = 16 * kWarps;  // query rows per block; kKeys: keys per tile
   static constexpr int kChunks = kHeadDim / 8;             // 16-byte chunks per row
   static constexpr int kGroup = kQoHeads / kKvHeads;
+  static constexpr int kRowsPerQuery = kPackGqa ? kGroup : 1;  // rows of one query in a block
   static constexpr bool kQInRegisters = kHeadDim <= 128;   // else reloaded from shared memory
   static constexpr int kSharedBytes = (kRows + 4 * kKeys) * kHeadDim * 2;
+  // Three blocks per SM up to head_dim 128 (at most 168 registers: measured faster than
+  // two blocks with more registers); head_dim 256, and the soft cap's tanh, need more
+  // registers than that (capped, they spill).
+  static constexpr int kMinBlocksPerSm = kHeadDim <= 128 && !kSoftCap ? 3 : 1;
   static constexpr float kLog2e = 1.4426950408889634f;
   static_assert(sizeof(T) == 2, "16-bit inputs");
   static_assert(kHeadDim % 64 == 0, "head_dim 64, 128 or 256");
@@ -94,26 +104,32 @@ struct BatchPrefill {
     T* v_tiles = k_tiles + 2 * kKeys * kHeadDim;  // [2][kKeys][kHeadDim]
 
     const int tile = gridDim.x - 1 - blockIdx.x;  // the longest causal tiles first
-    const int head = blockIdx.y, b = blockIdx.z;
-    const int kv_head = head / kGroup;
+    const int b = blockIdx.z;
+    const int kv_head = kPackGqa ? blockIdx.y : blockIdx.y / kGroup;
+    const int head0 = kPackGqa ? blockIdx.y * kGroup : blockIdx.y;  // the head of row p is head0 + p % kRowsPerQuery
     const int q_begin = qo_indptr[b], qo_len = qo_indptr[b + 1] - q_begin;
-    const Kv kv(kv_indptr, kv_indices, kv_last_page_len, b);
+    const Kv kv(kv_indptr, kv_last_page_len, b);
     const int kv_len = kv.length();
+    const int rows = qo_len * kRowsPerQuery;
     const int row0 = tile * kRows;
-    if (row0 >= qo_len) return;
+    if (row0 >= rows) return;
     const int shift = kv_len - qo_len;
-    const int last_row = min(row0 + kRows, qo_len) - 1;
-    const int key_end = kCausal ? max(0, min(kv_len, last_row + shift + 1)) : kv_len;
-    const int key_begin = kWindow > 0 ? max(0, row0 + shift - kWindow + 1) : 0;
+    const int first_query = row0 / kRowsPerQuery, last_query = (min(row0 + kRows, rows) - 1) / kRowsPerQuery;
+    const int key_end = kCausal ? max(0, min(kv_len, last_query + shift + 1)) : kv_len;
+    const int key_begin = kWindow > 0 ? max(0, first_query + shift - kWindow + 1) : 0;
     const int first_tile = key_begin / kKeys;
     const int end_tile = (key_end + kKeys - 1) / kKeys;
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int g = lane / 4, t = lane % 4;
-    auto q_row = [&](int row) { return (static_cast<long long>(q_begin + row) * kQoHeads + head) * kHeadDim; };
-    auto kv_row = [&](int key) { return kv.offset(key, kv_head); };
+    // (query, head) of a row, as the index of its q / output row and of its lse.
+    auto qo_index = [&](int row) {
+      return static_cast<long long>(q_begin + row / kRowsPerQuery) * kQoHeads + head0 + row % kRowsPerQuery;
+    };
+    auto q_row = [&](int row) { return qo_index(row) * kHeadDim; };
+    auto kv_row = [&](int key) { return kv.offset(kv_indices, key, kv_head); };
 
-    copy_tile<kRows>(q_tile, q, q_row, row0, qo_len);
+    copy_tile<kRows>(q_tile, q, q_row, row0, rows);
     if (first_tile < end_tile) {
       copy_tile<kKeys>(k_tiles, k, kv_row, first_tile * kKeys, kv_len);
       copy_tile<kKeys>(v_tiles, v, kv_row, first_tile * kKeys, kv_len);
@@ -143,7 +159,17 @@ struct BatchPrefill {
 #pragma unroll
     for (int i = 0; i < kHeadDim / 8; ++i) o_acc[i][0] = o_acc[i][1] = o_acc[i][2] = o_acc[i][3] = 0.f;
     float m[2] = {kNegInf, kNegInf}, l[2] = {0.f, 0.f};  // rows g and g + 8 of the warp
-    const int my_row[2] = {row0 + warp_row + g, row0 + warp_row + g + 8};
+    // Per row of this thread (warp rows g and g + 8): the last key it sees (-1 for a row past
+    // the request's) and, with a window, the first; tiles that need no mask skip all this.
+    int last_key[2], first_key[2];  // first_key: only with a window and no causal mask (else last_key - window + 1)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = row0 + warp_row + g + 8 * r, query_end = row / kRowsPerQuery + shift;
+      last_key[r] = row >= rows ? -1 : kCausal ? query_end : kv_len - 1;
+      first_key[r] = kWindow > 0 && !kCausal ? query_end - kWindow + 1 : 0;
+    }
+    const int mask_after = kCausal ? first_query + shift : kv_len - 1;  // keys past it need the mask
+    const bool partial_rows = row0 + kRows > rows;
 
     for (int j = first_tile; j < end_tile; ++j) {
       const int buffer = (j - first_tile) % 2;
@@ -183,8 +209,8 @@ struct BatchPrefill {
 
       // Scale (log2 domain), mask where this tile needs it, online softmax per row.
       const int key0 = j * kKeys;
-      const bool need_mask = key0 + kKeys > kv_len || (kCausal && key0 + kKeys - 1 > row0 + shift) ||
-                             (kWindow > 0 && key0 <= last_row + shift - kWindow) || last_row < row0 + kRows - 1;
+      // (Causal: keys past the end lie past every row's diagonal, so kv_len needs no test.)
+      const bool need_mask = key0 + kKeys - 1 > mask_after || (kWindow > 0 && key0 <= last_query + shift - kWindow) || partial_rows;
 #pragma unroll
       for (int n = 0; n < kKeys / 8; ++n)
 #pragma unroll
@@ -194,10 +220,9 @@ struct BatchPrefill {
           float x = s[n][e];
           if constexpr (kSoftCap) x = soft_cap * kLog2e * tanhf(x * scale);
           if (need_mask) {
-            const int key = key0 + n * 8 + 2 * t + (e & 1), row = my_row[e / 2];
-            bool ok = key < kv_len && row < qo_len;
-            if constexpr (kCausal) ok = ok && key <= row + shift;
-            if constexpr (kWindow > 0) ok = ok && key > row + shift - kWindow;
+            const int key = key0 + n * 8 + 2 * t + (e & 1);
+            bool ok = key <= last_key[e / 2];
+            if constexpr (kWindow > 0) ok = ok && key >= (kCausal ? last_key[e / 2] - kWindow + 1 : first_key[e / 2]);
             if (!ok) x = kNegInf;
           }
           s[n][e] = x;
@@ -255,19 +280,20 @@ struct BatchPrefill {
     mma::copy_wait<0>();
 
     // Finish: the row sums across the quad, then o / l and the base-2 lse.
+    const int rows_end = (qo_indptr[b + 1] - qo_indptr[b]) * kRowsPerQuery;  // read again: not kept live through the loop
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
       l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
-      const int row = my_row[r];
-      if (row >= qo_len) continue;
+      const int row = row0 + warp_row + g + 8 * r;
+      if (row >= rows_end) continue;
       const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
-      T* out = o + (static_cast<long long>(q_begin + row) * kQoHeads + head) * kHeadDim;
+      T* out = o + q_row(row);
 #pragma unroll
       for (int d = 0; d < kHeadDim / 8; ++d)
         *reinterpret_cast<unsigned*>(out + d * 8 + 2 * t) = mma::pack2<T>(o_acc[d][2 * r] * inv, o_acc[d][2 * r + 1] * inv);
       if constexpr (kLse)
-        if (t == 0) lse[static_cast<long long>(q_begin + row) * kQoHeads + head] = l[r] > 0.f ? m[r] + log2f(l[r]) : kNegInf;
+        if (t == 0) lse[qo_index(row)] = l[r] > 0.f ? m[r] + log2f(l[r]) : kNegInf;
     }
   }
 };
