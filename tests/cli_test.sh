@@ -58,7 +58,7 @@ expect 0 'freed'                        -- "$kjit" cache prune --max-size 0
 expect 0 'removed 0 entries'            -- "$kjit" cache clear
 expect 2 'ls \| verify|not in|is not'   -- "$kjit" cache explode
 expect 2 'config .* cannot be read'     -- "$kjit" pregen /no/config.json --arch sm_90a --out "$work/b"
-expect 0 'bundle .*: 8 kernels'         -- "$kjit" pregen "$root/configs/llama-3.1-8b.json" --out "$work/bundle" -j 2
+expect 0 'bundle .*: 14 kernels'        -- "$kjit" pregen "$root/configs/llama-3.1-8b.json" --out "$work/bundle" -j 2
 expect 0 'hit \(bundle\)'               -- env KJIT_DISABLE_NVRTC=1 "$kjit" compile --arch sm_90a --no-disk-cache --bundle "$work/bundle" '{"op": "rmsnorm_fp8_quant", "hidden_size": 4096, "dtype": "bfloat16"}'
 expect 1 'NVRTC is disabled'            -- env KJIT_DISABLE_NVRTC=1 "$kjit" compile --arch sm_90a --no-disk-cache --bundle "$work/bundle" "$spec"
 expect 1 'NVRTC is disabled'            -- env KJIT_DISABLE_NVRTC=1 "$kjit" doctor

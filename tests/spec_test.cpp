@@ -210,10 +210,30 @@ TEST_CASE("model configs expand grids and keep specs unique", "[spec][config]") 
     "shapes": {"batch_size": [1, 16]}})"), "test");
   CHECK(c.archs == std::vector<std::string>{"sm_90a"});
   CHECK(c.specs.size() == 4);  // 1 explicit, 4 from the grid, one duplicate
-  CHECK(c.shapes["batch_size"] == std::vector<std::int64_t>{1, 16});
+  REQUIRE(c.shapes.size() == 1);
+  CHECK(c.shapes[0].at("batch_size") == std::vector<std::int64_t>{1, 16});
+  CHECK(c.shapes_of(0).size() == 1);  // no shapes of its own: the config's
+
+  // Shapes of a spec or grid replace the config's for it, and are not a spec field.
+  auto own = kjit::spec::parse_config(nlohmann::json::parse(R"({
+    "specs": [{"op": "rmsnorm", "hidden_size": 4096, "dtype": "bfloat16", "shapes": [{"batch_size": 3}, {"batch_size": [5, 6]}]}],
+    "grids": [{"op": "rmsnorm", "hidden_size": [128, 256], "dtype": "float16", "shapes": {"batch_size": 7}}],
+    "shapes": {"batch_size": 1}})"), "test");
+  REQUIRE(own.specs.size() == 3);
+  CHECK_FALSE(own.specs[0].contains("shapes"));
+  CHECK(own.shapes_of(0).size() == 2);
+  CHECK(own.shapes_of(0)[1].at("batch_size") == std::vector<std::int64_t>{5, 6});
+  CHECK(own.shapes_of(2).at(0).at("batch_size") == std::vector<std::int64_t>{7});
+  CHECK_THROWS_WITH(kjit::spec::parse_config(nlohmann::json::parse(R"({"specs": [{"op": "rmsnorm", "shapes": 3}]})"), "x"),
+                    Contains("\"shapes\" must be an object or a list of objects"));
+
+  // The shipped default: every spec plans, and every one says what it is benchmarked on.
   auto shipped = kjit::spec::load_config(kSource + "/configs/llama-3.1-8b.json");
-  CHECK(shipped.specs.size() == 8);
-  for (const auto& s : shipped.specs) CHECK_NOTHROW(plan(s.dump()));
+  CHECK(shipped.specs.size() == 14);
+  for (std::size_t i = 0; i < shipped.specs.size(); ++i) {
+    CHECK_NOTHROW(plan(shipped.specs[i].dump()));
+    CHECK_FALSE(shipped.spec_shapes[i].empty());
+  }
   CHECK_THROWS_WITH(kjit::spec::parse_config(nlohmann::json::parse("{}"), "x"), "config x: no specs (give \"specs\" or \"grids\")");
   CHECK_THROWS_AS(kjit::spec::load_config("/no/such/config.json"), kjit::SpecError);
 }

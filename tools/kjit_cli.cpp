@@ -202,16 +202,10 @@ std::map<std::string, std::int64_t> parse_shape(const std::vector<std::string>& 
   return out;
 }
 
-int cmd_bench(const std::vector<std::string>& specs, const std::map<std::string, std::vector<std::int64_t>>& shapes,
-              int iterations, const EngineOptions& options) {
-  Engine engine(options);
-  std::vector<Kernel> kernels;
-  for (const auto& s : specs) kernels.push_back(engine.get(s));  // all compiles before any timing
-  const double copy = tools::copy_bandwidth_gbps();
-  auto device = runtime::device_info(runtime::current_device());
-  fmt::print("device {}; copy bandwidth {:.0f} GB/s (read + write, measured now)\n", device.name, copy);
-  fmt::print("{:<72} {:>22} {:>10} {:>9} {:>7}\n", "spec", "shape", "median us", "GB/s", "% copy");
-  // Every combination of the shape values.
+using Shapes = std::map<std::string, std::vector<std::int64_t>>;
+
+// Every combination of the shape values.
+std::vector<std::map<std::string, std::int64_t>> shape_combinations(const Shapes& shapes) {
   std::vector<std::map<std::string, std::int64_t>> combos{{}};
   for (const auto& [axis, values] : shapes) {
     std::vector<std::map<std::string, std::int64_t>> next;
@@ -223,7 +217,24 @@ int cmd_bench(const std::vector<std::string>& specs, const std::map<std::string,
       }
     combos = next;
   }
-  for (const auto& k : kernels) {
+  return combos;
+}
+
+// specs[i] is benchmarked over the combinations of each of its shape sets.
+int cmd_bench(const std::vector<std::string>& specs, const std::vector<std::vector<Shapes>>& spec_shapes, int iterations,
+              const EngineOptions& options) {
+  Engine engine(options);
+  std::vector<Kernel> kernels;
+  for (const auto& s : specs) kernels.push_back(engine.get(s));  // all compiles before any timing
+  const double copy = tools::copy_bandwidth_gbps();
+  auto device = runtime::device_info(runtime::current_device());
+  fmt::print("device {}; copy bandwidth {:.0f} GB/s (read + write, measured now)\n", device.name, copy);
+  fmt::print("{:<72} {:>22} {:>10} {:>9} {:>7}\n", "spec", "shape", "median us", "GB/s", "% copy");
+  for (std::size_t i = 0; i < kernels.size(); ++i) {
+    const Kernel& k = kernels[i];
+    std::vector<std::map<std::string, std::int64_t>> combos;
+    for (const Shapes& set : spec_shapes[i].empty() ? std::vector<Shapes>{{}} : spec_shapes[i])
+      for (auto& c : shape_combinations(set)) combos.push_back(std::move(c));
     for (const auto& shape : combos) {
       if (k.info().op == "batch_prefill" || k.info().op == "append_paged_kv_cache") {  // need valid index arrays
         auto it = shape.find("seq_len"), bt = shape.find("batch_size"), kt = shape.find("kv_len");
@@ -392,15 +403,26 @@ int main(int argc, char** argv) {
       return cmd_cache(action, cache_dir, limit);
     }
     if (bench->parsed()) {
+      // A config's specs over their shapes; --shape values replace those axes everywhere.
       std::vector<std::string> specs;
-      std::map<std::string, std::vector<std::int64_t>> shapes;
+      std::vector<std::vector<Shapes>> shapes;
+      const auto overrides = parse_shape(shape_items);
       if (!bench_config.empty()) {
         auto c = spec::load_config(bench_config);
-        for (const auto& s : c.specs) specs.push_back(s.dump());
-        shapes = c.shapes;
+        for (std::size_t i = 0; i < c.specs.size(); ++i) {
+          specs.push_back(c.specs[i].dump());
+          shapes.push_back(c.shapes_of(i));
+        }
       }
-      for (const auto& s : bench_specs) specs.push_back(read_spec(s));
-      for (const auto& [axis, value] : parse_shape(shape_items)) shapes[axis] = {value};
+      for (const auto& s : bench_specs) {
+        specs.push_back(read_spec(s));
+        shapes.emplace_back();
+      }
+      for (auto& sets : shapes) {
+        if (sets.empty()) sets.emplace_back();
+        for (auto& s : sets)
+          for (const auto& [axis, value] : overrides) s[axis] = {value};
+      }
       if (specs.empty()) throw SpecError("bench needs a spec or --config");
       return cmd_bench(specs, shapes, iterations, options);
     }

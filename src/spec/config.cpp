@@ -42,33 +42,49 @@ ModelConfig parse_config(const json& j, const std::string& where) {
     else if (a.is_array()) for (const auto& x : a) c.archs.push_back(x.get<std::string>());
     else throw SpecError(fmt::format("config {}: \"arch\" must be a string or a list", where));
   }
+  auto read_shapes = [&](const json& object) {
+    std::vector<ModelConfig::Shapes> sets;
+    if (!object.contains("shapes")) return sets;
+    const json& all = object["shapes"];
+    for (const json& s : all.is_array() ? all : json::array({all})) {
+      if (!s.is_object())
+        throw SpecError(fmt::format("config {}: \"shapes\" must be an object or a list of objects", where));
+      ModelConfig::Shapes shapes;
+      for (auto it = s.begin(); it != s.end(); ++it) {
+        for (const auto& v : it.value().is_array() ? it.value() : json::array({it.value()})) {
+          if (!v.is_number_integer()) throw SpecError(fmt::format("config {}: shape {} must hold integers", where, it.key()));
+          shapes[it.key()].push_back(v.get<std::int64_t>());
+        }
+      }
+      sets.push_back(std::move(shapes));
+    }
+    return sets;
+  };
   std::set<std::string> seen;
-  auto add = [&](const json& s) {
+  auto add = [&](json s, const std::vector<ModelConfig::Shapes>& shapes) {
     if (!s.is_object()) throw SpecError(fmt::format("config {}: every spec must be an object, got {}", where, s.dump()));
-    if (seen.insert(s.dump()).second) c.specs.push_back(s);
+    s.erase("shapes");  // benchmark axes, not a spec field
+    if (seen.insert(s.dump()).second) {
+      c.specs.push_back(std::move(s));
+      c.spec_shapes.push_back(shapes);
+    }
   };
   if (j.contains("specs")) {
     if (!j["specs"].is_array()) throw SpecError(fmt::format("config {}: \"specs\" must be a list", where));
-    for (const auto& s : j["specs"]) add(s);
+    for (const auto& s : j["specs"]) add(s, s.is_object() ? read_shapes(s) : std::vector<ModelConfig::Shapes>{});
   }
   if (j.contains("grids")) {
     if (!j["grids"].is_array()) throw SpecError(fmt::format("config {}: \"grids\" must be a list", where));
-    for (const auto& g : j["grids"]) {
+    for (json g : j["grids"]) {
       if (!g.is_object()) throw SpecError(fmt::format("config {}: every grid must be an object", where));
+      const std::vector<ModelConfig::Shapes> shapes = read_shapes(g);
+      g.erase("shapes");
       std::vector<json> expanded;
       expand(g, g.begin(), json::object(), expanded);
-      for (const auto& s : expanded) add(s);
+      for (const auto& s : expanded) add(s, shapes);
     }
   }
-  if (j.contains("shapes")) {
-    if (!j["shapes"].is_object()) throw SpecError(fmt::format("config {}: \"shapes\" must be an object", where));
-    for (auto it = j["shapes"].begin(); it != j["shapes"].end(); ++it) {
-      for (const auto& v : it.value().is_array() ? it.value() : json::array({it.value()})) {
-        if (!v.is_number_integer()) throw SpecError(fmt::format("config {}: shape {} must hold integers", where, it.key()));
-        c.shapes[it.key()].push_back(v.get<std::int64_t>());
-      }
-    }
-  }
+  c.shapes = read_shapes(j);
   if (c.specs.empty()) throw SpecError(fmt::format("config {}: no specs (give \"specs\" or \"grids\")", where));
   return c;
 }
