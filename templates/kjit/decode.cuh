@@ -3,13 +3,12 @@
 //
 // Block (chunk, request, head group): the request's KV tokens in
 // [start + chunk * chunk_size, + chunk_size), for kHeads query heads that share one
-// KV head. kLanes threads hold one token's row (8 elements each: 16 bytes, or 8 of
-// fp8 e4m3 KV), so a block of 128
-// threads has 128 / kLanes token slots; each slot runs its own online softmax over
-// its tokens (kUnroll tokens per step), and the slots are merged through shared
-// memory at the end. The kernel is bound by bytes in flight: each thread copies the
-// K/V pieces it will use kStages - 1 steps ahead with cp.async into its own part of
-// shared memory (no barrier needed), and loads the page indices one step before that.
+// KV head. kLanes threads hold one token's row, 8 elements each (16 bytes; 8 bytes of fp8
+// e4m3 KV), so a block of 128 threads has 128 / kLanes token slots; each slot runs its own
+// online softmax over its tokens (kUnroll tokens per step), and the slots are merged
+// through shared memory at the end. The kernel is bound by bytes in flight: each thread
+// copies the K/V pieces it will use kStages - 1 steps ahead with cp.async into its own part
+// of shared memory (no barrier needed), and loads the page indices one step before that.
 //
 // fp8 KV is dequantized by two scalars: k_scale folds into the query's scale and
 // v_scale into the output.
@@ -28,7 +27,7 @@
 namespace kjit::attention {
 
 template <typename TQ, typename TKV, int kHeadDim, int kQoHeads, int kKvHeads, int kHeads, paged_kv::Layout kLayout,
-          int kPageSize, bool kCombined, bool kSoftCap, int kWindow, bool kLse, int kStages = 4>
+          int kPageSize, bool kCombined, bool kSoftCap, int kWindow, bool kLse, int kStages>
 struct BatchDecode {
   using Cache = paged_kv::PagedKv<kLayout, kPageSize, kKvHeads, kHeadDim, kCombined>;
   static constexpr int kGroup = kQoHeads / kKvHeads;
