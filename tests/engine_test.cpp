@@ -116,4 +116,13 @@ TEST_CASE("decode plans split long KV only where the batch leaves the GPU idle",
   CHECK(chunks(1, 300, 8) == 1);       // too short to split
   CHECK(chunks(396, 4096, 1) == 1);    // exactly one full wave
   CHECK(chunks(0, 0, 8) == 1);         // an empty batch
+
+  // Four blocks per SM (two pipeline stages): batch 64 fits one wave of 528 unsplit.
+  auto chunks4 = [](std::int64_t batch, std::int64_t len) {
+    std::vector<std::int64_t> lengths(static_cast<std::size_t>(batch), len);
+    return kjit::plan_decode_split(lengths, 8, 32, 128, 132, 4).num_chunks;
+  };
+  CHECK(chunks4(64, 4096) == 1);
+  CHECK(chunks4(256, 1024) == 1);
+  CHECK(chunks4(1, 32768) == 60);  // the fewest chunks with the last wave >= 90% full (480 of 528)
 }
