@@ -144,6 +144,21 @@ struct Reference {
   std::vector<double> o, lse;  // [batch, head, dim], [batch, head] (base 2)
 };
 
+// The score of a q.k product: scaled, then soft-capped when the case has a cap.
+double score(double dot, double sm_scale, double soft_cap) {
+  const double x = dot * sm_scale;
+  return soft_cap > 0 ? soft_cap * std::tanh(x / soft_cap) : x;
+}
+
+// Scores (not empty) -> softmax weights in place; returns the base-2 log-sum-exp.
+double softmax_in_place(std::vector<double>& s) {
+  const double m = *std::max_element(s.begin(), s.end());
+  double sum = 0;
+  for (double x : s) sum += std::exp(x - m);
+  for (double& x : s) x = std::exp(x - m) / sum;
+  return (m + std::log(sum)) / std::log(2.0);
+}
+
 Reference reference_decode(const DecodeCase& c, const PagedBatch& p, std::int64_t batch, double sm_scale) {
   const Half16 h{c.bf16};
   Reference r;
@@ -162,18 +177,13 @@ Reference reference_decode(const DecodeCase& c, const PagedBatch& p, std::int64_
         const std::int64_t at = p.token_offset(c, b, t, hk);
         double dot = 0;
         for (std::int64_t d = 0; d < c.head_dim; ++d) dot += double(h.decode(q[d])) * p.key(c, at + d);
-        double x = dot * sm_scale;
-        if (c.soft_cap > 0) x = c.soft_cap * std::tanh(x / c.soft_cap);
-        s.push_back(x);
+        s.push_back(score(dot, sm_scale, c.soft_cap));
       }
       if (s.empty()) continue;
-      const double m = *std::max_element(s.begin(), s.end());
-      double sum = 0;
-      for (double x : s) sum += std::exp(x - m);
-      r.lse[static_cast<std::size_t>(b * c.qo_heads + hq)] = (m + std::log(sum)) / std::log(2.0);
+      r.lse[static_cast<std::size_t>(b * c.qo_heads + hq)] = softmax_in_place(s);
       double* o = &r.o[static_cast<std::size_t>((b * c.qo_heads + hq) * c.head_dim)];
       for (std::int64_t t = begin; t < len; ++t) {
-        const double w = std::exp(s[static_cast<std::size_t>(t - begin)] - m) / sum;
+        const double w = s[static_cast<std::size_t>(t - begin)];
         const std::int64_t at = p.token_offset(c, b, t, hk);
         for (std::int64_t d = 0; d < c.head_dim; ++d) o[d] += w * p.value(c, at + d);
       }
@@ -572,18 +582,13 @@ void run_prefill_case(const PrefillCase& c, const std::vector<std::pair<std::int
           for (std::int64_t d = 0; d < c.head_dim; ++d)
             dot += double(h.decode(q[static_cast<std::size_t>((qi * c.qo_heads + hq) * c.head_dim + d)])) *
                    h.decode(k[static_cast<std::size_t>(((kv_indptr[b] + j) * c.kv_heads + hk) * c.head_dim + d)]);
-          double x = dot * sm_scale;
-          if (c.soft_cap > 0) x = c.soft_cap * std::tanh(x / c.soft_cap);
-          s.push_back(x);
+          s.push_back(score(dot, sm_scale, c.soft_cap));
           keys.push_back(j);
         }
         if (s.empty()) continue;
-        const double m = *std::max_element(s.begin(), s.end());
-        double sum = 0;
-        for (double x : s) sum += std::exp(x - m);
-        ref.lse[static_cast<std::size_t>(qi * c.qo_heads + hq)] = (m + std::log(sum)) / std::log(2.0);
+        ref.lse[static_cast<std::size_t>(qi * c.qo_heads + hq)] = softmax_in_place(s);
         for (std::size_t n = 0; n < s.size(); ++n) {
-          const double w = std::exp(s[n] - m) / sum;
+          const double w = s[n];
           for (std::int64_t d = 0; d < c.head_dim; ++d)
             ref.o[static_cast<std::size_t>((qi * c.qo_heads + hq) * c.head_dim + d)] +=
                 w * h.decode(v[static_cast<std::size_t>(((kv_indptr[b] + keys[n]) * c.kv_heads + hk) * c.head_dim + d)]);
