@@ -520,6 +520,15 @@ TEST_CASE("batch decode refuses bad plans and arguments", "[gpu][attention]") {
                   kjit::SpecError);
 }
 
+TEST_CASE("batch prefill refuses a grid past CUDA's limits", "[gpu][attention]") {
+  // Group 4 packs 16 queries per 64-row tile; 16 * 65535 + 1 queries need 65536 tiles on grid z.
+  kjit::Kernel prefill = engine().get(R"({"op": "batch_prefill", "num_qo_heads": 32, "num_kv_heads": 8, "head_dim": 128, "dtype": "bfloat16"})");
+  DeviceMemory q(32 * 128 * 2), kv(8 * 128 * 2), indptr(8), out(32 * 128 * 2), lse(32 * 4);
+  const std::vector<kjit::Arg> args{q.get(), kv.get(), kv.get(), indptr.get(), indptr.get(), out.get(), lse.get(),
+                                    std::int64_t{1}, std::int64_t{16 * 65535 + 1}, 0.1};
+  CHECK_THROWS_WITH(prefill.launch(args), Catch::Contains("max_qo_len") && Catch::Contains("65536 blocks along grid z, at most 65535"));
+}
+
 namespace {
 
 struct PrefillCase {
@@ -680,6 +689,16 @@ TEST_CASE("batch prefill matches float64 attention on ragged requests", "[gpu][a
     run_prefill_case(window5, lengths, rng);
   }
   run_prefill_case({32, 2, 128}, lengths, rng);
+  // Both tensor-core forms (wgmma where the GPU has it, and mma.sync) with both key tiles.
+  for (bool warpgroup_mma : {true, false})
+    for (int keys : {32, 64})
+      for (std::int64_t head_dim : {64, 128}) {
+        PrefillCase c{8, 2, head_dim, true, head_dim == 64};
+        c.extra = fmt::format(R"(, "warpgroup_mma": {}, "keys_per_tile": {})", warpgroup_mma, keys);
+        run_prefill_case(c, lengths, rng);
+        c.page_size = 16;
+        run_prefill_case(c, lengths, rng);
+      }
   for (const char* layout : {"NHD", "HND"}) {  // K and V combined in one tensor
     PrefillCase c{32, 8, 128};
     c.page_size = 16;

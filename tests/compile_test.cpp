@@ -218,6 +218,13 @@ TEST_CASE("every prefill variant in a representative grid compiles for sm_90a", 
   specs.push_back(R"({"op": "batch_prefill", "num_qo_heads": 32, "num_kv_heads": 8, "head_dim": 128, "dtype": "bfloat16", "paged": true, "page_size": 16, "kv_storage": "combined"})");
   for (const char* pack : {"true", "false"})
     specs.push_back(fmt::format(R"({{"op": "batch_prefill", "num_qo_heads": 64, "num_kv_heads": 2, "head_dim": 128, "dtype": "bfloat16", "pack_gqa": {}}})", pack));
+  // Both tensor-core forms (sm_90a's wgmma is the default), key tiles, warpgroups per block.
+  for (const char* warpgroup_mma : {"true", "false"})
+    for (int keys : {32, 64})
+      for (int warpgroups : {1, 2})
+        specs.push_back(fmt::format(
+            R"({{"op": "batch_prefill", "num_qo_heads": 32, "num_kv_heads": 8, "head_dim": 128, "dtype": "bfloat16", "warpgroup_mma": {}, "keys_per_tile": {}, "warpgroups": {}}})",
+            warpgroup_mma, keys, warpgroups));
   auto [built, failures] = build_all(specs);
   for (const auto& a : built)
     if (a.info.spill_bytes != 0) failures.push_back(fmt::format("{}: spills {} bytes", a.info.spec, a.info.spill_bytes));

@@ -149,6 +149,9 @@ TEST_CASE("spec refusals name the field, the value and what is allowed", "[spec]
   CHECK_THAT(refusal("{" + decode + R"(, "head_dim": 128, "page_size": 16, "kv_layout": "NDH"})"), Contains("field \"kv_layout\""));
   CHECK(refusal(R"({"op": "merge_states", "num_heads": 8, "head_dim": 96, "dtype": "float32"})") ==
         "spec for op \"merge_states\": field \"head_dim\" = 96 is not supported: head_dim / 4 must be a power of two");
+  const std::string prefill = R"("op": "batch_prefill", "num_qo_heads": 32, "num_kv_heads": 8, "head_dim": 128, "dtype": "bfloat16")";
+  CHECK_THAT(refusal("{" + prefill + R"(, "warpgroups": 3})"), Contains("field \"warpgroups\" = 3"));
+  CHECK_THAT(refusal("{" + prefill + R"(, "warpgroup_mma": "yes"})"), Contains("field \"warpgroup_mma\""));
   CHECK(refusal(R"([1, 2])") == "spec must be a JSON object, got array");
   CHECK(refusal(R"({"hidden_size": 4096})").find("spec has no \"op\" field") == 0);
   CHECK(refusal("{\"op\": \"rmsnorm\",\n \"hidden_size\": 4096,,}").find("spec is not valid JSON: parse error at line 2, column 22") == 0);

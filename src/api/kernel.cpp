@@ -172,7 +172,11 @@ void Kernel::launch(std::span<const Arg> args, void* stream) const {
     } else {
       long long v = values[g.param].integer;
       long long blocks = (v + g.divisor - 1) / g.divisor * g.multiplier;
-      if (blocks > 0x7fffffffLL) detail::argument_error(s.info, static_cast<std::size_t>(g.param), "is too large for one launch");
+      const long long limit = d == 0 ? 0x7fffffffLL : 65535;  // CUDA's grid limits for x, and y / z
+      if (blocks > limit)
+        detail::argument_error(s.info, static_cast<std::size_t>(g.param),
+                               fmt::format("is too large for one launch ({} blocks along grid {}, at most {})", blocks,
+                                           "xyz"[d], limit));
       grid[d] = static_cast<unsigned>(blocks);
     }
   }

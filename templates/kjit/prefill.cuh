@@ -7,7 +7,7 @@
 // j <= i + kv_len - qo_len), as for chunked prefill; a sliding window W keeps keys
 // j > i + kv_len - qo_len - W. Scores, soft cap and the base-2 lse are as in decode.
 //
-// Block (row tile, head, request): Q tile in shared memory, K/V tiles of kKeys keys
+// Block (head, request, row tile): Q tile in shared memory, K/V tiles of kKeys keys
 // double-buffered with cp.async. With kPackGqa, a block's rows are (query, head) pairs of
 // one KV head's group, query-major: row p is query p / group of the group's head p % group,
 // so the group shares every K/V tile and a request with few queries (append attention,
@@ -18,6 +18,7 @@
 
 #include "kjit/mma.cuh"
 #include "kjit/paged_kv.cuh"
+#include "kjit/wgmma.cuh"
 
 namespace kjit::attention {
 
@@ -51,45 +52,92 @@ struct PagedKvRows {
 };
 
 template <typename T, int kHeadDim, int kQoHeads, int kKvHeads, bool kCausal, bool kSoftCap, int kWindow, bool kLse,
-          int kKeys, typename KvSource = RaggedKv<kKvHeads, kHeadDim>, bool kPackGqa = false>
+          int kKeys, typename KvSource = RaggedKv<kKvHeads, kHeadDim>, bool kPackGqa = false, bool kWarpgroupMma = true, int kWarpgroups = 1>
 struct BatchPrefill {
   using Kv = KvSource;
-  static constexpr int kWarps = 4;
+  static constexpr int kWarps = 4 * kWarpgroups;
   static constexpr int kThreads = 32 * kWarps;
   static constexpr int kRows = 16 * kWarps;  // query rows per block; kKeys: keys per tile
   static constexpr int kChunks = kHeadDim / 8;             // 16-byte chunks per row
   static constexpr int kGroup = kQoHeads / kKvHeads;
   static constexpr int kRowsPerQuery = kPackGqa ? kGroup : 1;  // rows of one query in a block
-  static constexpr bool kQInRegisters = kHeadDim <= 128;   // else reloaded from shared memory
-  static constexpr int kSharedBytes = (kRows + 4 * kKeys) * kHeadDim * 2;
-  // Three blocks per SM up to head_dim 128 (at most 168 registers: measured faster than
-  // two blocks with more registers); head_dim 256, and the soft cap's tanh, need more
-  // registers than that (capped, they spill).
-  static constexpr int kMinBlocksPerSm = kHeadDim <= 128 && !kSoftCap ? 3 : 1;
+  // sm_90a: both GEMMs by warpgroup wgmma from shared memory (head_dim <= 128: the output
+  // accumulators of m64n{head_dim} fit the registers); else mma.sync from ldmatrix fragments.
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  static constexpr bool kWgmma = kWarpgroupMma && kHeadDim <= 128;
+#else
+  static constexpr bool kWgmma = false;
+#endif
+  // mma.sync: Q as A fragments in registers (else reloaded from shared memory). wgmma
+  // reads Q from shared memory: 32 fewer registers, 4 blocks per SM (454 against 422
+  // TFLOP/s with Q in registers, causal 8192 on the H100).
+  static constexpr bool kQInRegisters = !kWgmma && kHeadDim <= 128;
+  // Tiles, plus 1 KB to align them to 1024 bytes (wgmma's swizzle works on address bits).
+  static constexpr int kSharedBytes = (kRows + 4 * kKeys) * kHeadDim * 2 + 1024;
+  // head_dim 256, and the soft cap's tanh, need more registers than a cap allows (they spill).
+  // Blocks per SM the register budget targets, at most what shared memory holds: 4 with
+  // wgmma and 32-key tiles (at most 128 registers: causal 8192 470 TFLOP/s, paged append
+  // 377 us, against 464 and 445 with 3), else 3 (at most 168: with mma.sync measured
+  // faster than 2 with more registers; wgmma's 64-key scores need more than 128).
+  static constexpr int kBlocksInSharedMemory = 227 * 1024 / kSharedBytes;
+  static constexpr int kRegisterTarget = kHeadDim <= 128 && !kSoftCap ? (kWgmma && kKeys == 32 ? 4 : 3) / kWarpgroups : 1;
+  static constexpr int kMinBlocksPerSm = kRegisterTarget < kBlocksInSharedMemory ? kRegisterTarget
+                                         : kBlocksInSharedMemory > 1               ? kBlocksInSharedMemory
+                                                                                   : 1;
   static constexpr float kLog2e = 1.4426950408889634f;
   static_assert(sizeof(T) == 2, "16-bit inputs");
   static_assert(kHeadDim % 64 == 0, "head_dim 64, 128 or 256");
   static_assert(kKeys % 16 == 0 && (kKeys * kChunks) % kThreads == 0, "whole tiles per copy round");
 
+  // 16-byte chunk `chunk` of a tile's row `row`: rows of head_dim elements (mma.sync), or
+  // wgmma's column blocks of 64 (wgmma.cuh); both swizzled by row % 8.
+  static constexpr int kRowPitch = kWgmma ? 64 : kHeadDim;
   static __device__ __forceinline__ int swizzled(int row, int chunk) { return row * kHeadDim + ((chunk ^ (row % 8)) * 8); }
+  template <int kTileRows>
+  static __device__ __forceinline__ int tile_offset(int row, int chunk) {
+    if constexpr (kWgmma) return wgmma::swizzled_offset<kTileRows>(row, chunk * 8);
+    else return swizzled(row, chunk);
+  }
 
-  // rows [first, first + kTileRows) into a tile, row r read at base + row_offset(r) (the start
-  // of its head); rows past `valid` are zero-filled.
+  // Rows [first, first + kTileRows) of a tile, row r read at row_offset(r) (the start of its
+  // head) and zero-filled past `valid`: issue(shared offset, global offset, valid) per row.
   // A thread copies chunk threadIdx.x % kChunks of rows threadIdx.x / kChunks + n * kRowStep.
-  // With kRowStep a multiple of 8 the swizzle is the same for all of them, so the shared
+  // Every row's offset is computed before the first copy, so page-table reads are all in
+  // flight together (each cp.async's memory clobber would otherwise order them one by one).
+  // With kRowStep a multiple of 8 the swizzle is the same for all rows, so the shared
   // offsets are compile-time steps from one per-thread base.
   static constexpr int kRowStep = kThreads / kChunks;
+  template <int kTileRows, typename RowOffset, typename Issue>
+  static __device__ __forceinline__ void for_tile_rows(RowOffset row_offset, int first, int valid, Issue issue) {
+    constexpr int kSteps = kTileRows / kRowStep;
+    const int chunk = threadIdx.x % kChunks, row0 = threadIdx.x / kChunks;
+    long long offset[kSteps];
+    bool ok[kSteps];
+#pragma unroll
+    for (int n = 0; n < kSteps; ++n) {
+      ok[n] = first + row0 + n * kRowStep < valid;
+      offset[n] = ok[n] ? row_offset(first + row0 + n * kRowStep) + chunk * 8 : 0;
+    }
+#pragma unroll
+    for (int n = 0; n < kSteps; ++n) {
+      const int dst = kRowStep % 8 == 0 ? tile_offset<kTileRows>(row0, chunk) + n * kRowStep * kRowPitch
+                                        : tile_offset<kTileRows>(row0 + n * kRowStep, chunk);
+      issue(dst, offset[n], ok[n]);
+    }
+  }
   template <int kTileRows, typename RowOffset>
   static __device__ __forceinline__ void copy_tile(T* tile, const T* base, RowOffset row_offset, int first, int valid) {
-    const int chunk = threadIdx.x % kChunks, row0 = threadIdx.x / kChunks;
-    const T* src = base + chunk * 8;
-#pragma unroll
-    for (int n = 0; n < kTileRows / kRowStep; ++n) {
-      const int row = row0 + n * kRowStep;
-      const bool ok = first + row < valid;
-      const int dst = kRowStep % 8 == 0 ? swizzled(row0, chunk) + n * kRowStep * kHeadDim : swizzled(row, chunk);
-      mma::copy_async(tile + dst, src + (ok ? row_offset(first + row) : 0), ok);
-    }
+    for_tile_rows<kTileRows>(row_offset, first, valid,
+                             [&](int dst, long long src, bool ok) { mma::copy_async(tile + dst, base + src, ok); });
+  }
+  // K and V rows share their offsets.
+  static __device__ __forceinline__ void copy_kv_tiles(T* k_tile, T* v_tile, const T* k, const T* v,
+                                                       const Kv& kv, const int* kv_indices, int kv_head, int first) {
+    for_tile_rows<kKeys>([&](int key) { return kv.offset(kv_indices, key, kv_head); }, first, kv.length(),
+                         [&](int dst, long long src, bool ok) {
+                           mma::copy_async(k_tile + dst, k + src, ok);
+                           mma::copy_async(v_tile + dst, v + src, ok);
+                         });
   }
 
   // kv_indices and kv_last_page_len: paged K/V only (null for ragged).
@@ -99,14 +147,16 @@ struct BatchPrefill {
                              T* __restrict__ o, float* __restrict__ lse, float sm_scale, float soft_cap) {
     const float kNegInf = -__int_as_float(0x7f800000);
     extern __shared__ __align__(128) unsigned char dynamic_shared[];
-    T* q_tile = reinterpret_cast<T*>(dynamic_shared);
+    T* q_tile = reinterpret_cast<T*>(dynamic_shared + (-mma::shared_address(dynamic_shared) & 1023u));
     T* k_tiles = q_tile + kRows * kHeadDim;      // [2][kKeys][kHeadDim]
     T* v_tiles = k_tiles + 2 * kKeys * kHeadDim;  // [2][kKeys][kHeadDim]
 
-    const int tile = gridDim.x - 1 - blockIdx.x;  // the longest causal tiles first
-    const int b = blockIdx.z;
-    const int kv_head = kPackGqa ? blockIdx.y : blockIdx.y / kGroup;
-    const int head0 = kPackGqa ? blockIdx.y * kGroup : blockIdx.y;  // the head of row p is head0 + p % kRowsPerQuery
+    // Grid (head, request, row tile), row tiles slowest and last first: blocks start in
+    // order of their linear index, so every request's longest causal tiles start first.
+    const int tile = gridDim.z - 1 - blockIdx.z;
+    const int b = blockIdx.y;
+    const int kv_head = kPackGqa ? blockIdx.x : blockIdx.x / kGroup;
+    const int head0 = kPackGqa ? blockIdx.x * kGroup : blockIdx.x;  // the head of row p is head0 + p % kRowsPerQuery
     const int q_begin = qo_indptr[b], qo_len = qo_indptr[b + 1] - q_begin;
     const Kv kv(kv_indptr, kv_last_page_len, b);
     const int kv_len = kv.length();
@@ -127,12 +177,10 @@ struct BatchPrefill {
       return static_cast<long long>(q_begin + row / kRowsPerQuery) * kQoHeads + head0 + row % kRowsPerQuery;
     };
     auto q_row = [&](int row) { return qo_index(row) * kHeadDim; };
-    auto kv_row = [&](int key) { return kv.offset(kv_indices, key, kv_head); };
 
     copy_tile<kRows>(q_tile, q, q_row, row0, rows);
     if (first_tile < end_tile) {
-      copy_tile<kKeys>(k_tiles, k, kv_row, first_tile * kKeys, kv_len);
-      copy_tile<kKeys>(v_tiles, v, kv_row, first_tile * kKeys, kv_len);
+      copy_kv_tiles(k_tiles, v_tiles, k, v, kv, kv_indices, kv_head, first_tile * kKeys);
     }
     mma::copy_commit();
 
@@ -140,7 +188,7 @@ struct BatchPrefill {
     const int warp_row = warp * 16;
     unsigned qf[kQInRegisters ? kHeadDim / 16 : 1][4];
     auto q_fragment = [&](int kk, unsigned (&a)[4]) {
-      mma::load_matrix_x4(a, q_tile + swizzled(warp_row + lane % 16, kk * 2 + lane / 16));
+      mma::load_matrix_x4(a, q_tile + tile_offset<kRows>(warp_row + lane % 16, kk * 2 + lane / 16));
     };
 
     // ldmatrix row addresses: a lane's row within 8 is lane % 8, so its swizzle is fixed;
@@ -153,6 +201,13 @@ struct BatchPrefill {
       k_off[jj] = k_base + ((2 * jj + (lane / 8) % 2) ^ x) * 8;
       v_off[jj] = v_base + ((2 * jj + lane / 16) ^ x) * 8;
     }
+
+    // wgmma operands: Q (K-major; warpgroup w's rows start 64 rows on), K tiles (K-major),
+    // V tiles (MN-major: [keys][dims], the next 64 dims kKeys * 128 bytes on); a buffer's or
+    // k-step's offset is added in 16-byte units.
+    const unsigned long long q_descriptor = wgmma::descriptor(q_tile, 16, 1024);
+    const unsigned long long k_descriptor = wgmma::descriptor(k_tiles, 16, 1024);
+    const unsigned long long v_descriptor = wgmma::descriptor(v_tiles, kKeys * 128, 1024);
 
     const float scale = kSoftCap ? sm_scale / soft_cap : sm_scale * kLog2e;
     float o_acc[kHeadDim / 8][4];
@@ -174,11 +229,12 @@ struct BatchPrefill {
     for (int j = first_tile; j < end_tile; ++j) {
       const int buffer = (j - first_tile) % 2;
       if (j + 1 < end_tile) {
-        copy_tile<kKeys>(k_tiles + (1 - buffer) * kKeys * kHeadDim, k, kv_row, (j + 1) * kKeys, kv_len);
-        copy_tile<kKeys>(v_tiles + (1 - buffer) * kKeys * kHeadDim, v, kv_row, (j + 1) * kKeys, kv_len);
+        copy_kv_tiles(k_tiles + (1 - buffer) * kKeys * kHeadDim, v_tiles + (1 - buffer) * kKeys * kHeadDim, k, v, kv,
+                      kv_indices, kv_head, (j + 1) * kKeys);
       }
       mma::copy_commit();
       mma::copy_wait<1>();
+      if constexpr (kWgmma) wgmma::fence_shared_for_async_reads();
       __syncthreads();
       if constexpr (kQInRegisters) {
         if (j == first_tile) {
@@ -191,6 +247,18 @@ struct BatchPrefill {
 
       // S = Q K^T for this warp's 16 rows x kKeys keys.
       float s[kKeys / 8][4];
+      if constexpr (kWgmma) {
+        // The warpgroup's 64 rows at once; k-step kk is 16 dims of column block kk / 4.
+        wgmma::fence();
+#pragma unroll
+        for (int kk = 0; kk < kHeadDim / 16; ++kk)
+          wgmma::mma_shared<T, kKeys>(s, q_descriptor + ((kk / 4) * kRows * 128 + (warp / 4) * 64 * 128 + (kk % 4) * 32) / 16,
+                                      k_descriptor + (buffer * kKeys * kHeadDim * 2 + (kk / 4) * kKeys * 128 + (kk % 4) * 32) / 16,
+                                      kk > 0);
+        wgmma::commit();
+        wgmma::wait<0>();
+        wgmma::hold(s);
+      } else {
 #pragma unroll
       for (int n = 0; n < kKeys / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
 #pragma unroll
@@ -205,6 +273,7 @@ struct BatchPrefill {
           mma::mma_16816<T>(s[2 * np], a, bk[0], bk[1]);
           mma::mma_16816<T>(s[2 * np + 1], a, bk[2], bk[3]);
         }
+      }
       }
 
       // Scale (log2 domain), mask where this tile needs it, online softmax per row.
@@ -262,6 +331,28 @@ struct BatchPrefill {
       }
 
       // O += P V: P's accumulators become A fragments, V is read transposed.
+      if constexpr (kWgmma) {
+        // All of P packed first: wgmma.fence must follow every write of its registers.
+        unsigned p[kKeys / 16][4];
+#pragma unroll
+        for (int kk = 0; kk < kKeys / 16; ++kk) {
+          p[kk][0] = mma::pack2<T>(s[2 * kk][0], s[2 * kk][1]);
+          p[kk][1] = mma::pack2<T>(s[2 * kk][2], s[2 * kk][3]);
+          p[kk][2] = mma::pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+          p[kk][3] = mma::pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#pragma unroll
+          for (int e = 0; e < 4; ++e) asm volatile("" : "+r"(p[kk][e])::"memory");
+        }
+        wgmma::hold(o_acc);
+        wgmma::fence();
+#pragma unroll
+        for (int kk = 0; kk < kKeys / 16; ++kk)
+          wgmma::mma_registers<T, kHeadDim, /*transpose_b=*/true>(o_acc, p[kk],
+                                                                  v_descriptor + (buffer * kKeys * kHeadDim * 2 + kk * 16 * 128) / 16);
+        wgmma::commit();
+        wgmma::wait<0>();
+        wgmma::hold(o_acc);
+      } else {
 #pragma unroll
       for (int kk = 0; kk < kKeys / 16; ++kk) {
         const unsigned a[4] = {mma::pack2<T>(s[2 * kk][0], s[2 * kk][1]), mma::pack2<T>(s[2 * kk][2], s[2 * kk][3]),
@@ -274,6 +365,7 @@ struct BatchPrefill {
           mma::mma_16816<T>(o_acc[2 * dp], a, bv[0], bv[1]);
           mma::mma_16816<T>(o_acc[2 * dp + 1], a, bv[2], bv[3]);
         }
+      }
       }
       __syncthreads();  // the buffer is refilled next iteration
     }
