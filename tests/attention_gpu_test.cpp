@@ -418,48 +418,57 @@ TEST_CASE("append_paged_kv_cache writes ragged tokens into their pages", "[gpu][
 TEST_CASE("merge_state and merge_states equal one pass over all the keys", "[gpu][attention]") {
   std::mt19937_64 rng(9);
   std::normal_distribution<float> normal;
-  const std::int64_t heads = 6, dim = 128, seq = 33, states = 5;
-  // States as float32 values with base-2 lse; some empty (lse -inf, values garbage).
-  std::vector<float> v(static_cast<std::size_t>(seq * states * heads * dim)), s(static_cast<std::size_t>(seq * states * heads));
-  for (auto& x : v) x = normal(rng);
-  for (std::size_t i = 0; i < s.size(); ++i) s[i] = i % 7 == 3 ? -INFINITY : 4.f * normal(rng);
-  for (std::int64_t h = 0; h < heads; ++h)  // token 0, head h: every state empty when h == 0
-    for (std::int64_t st = 0; st < states; ++st) s[static_cast<std::size_t>(st * heads + h)] = h == 0 ? -INFINITY : s[static_cast<std::size_t>(st * heads + h)];
-  for (std::size_t i = 0; i < v.size(); ++i)
-    if (std::isinf(s[i / dim])) v[i] = std::nanf("");  // an empty state's values must not be read
-  auto reference = [&](std::int64_t t, std::int64_t h, std::int64_t first, std::int64_t count, std::vector<double>& o) -> double {
-    double m = -INFINITY;
-    for (std::int64_t st = first; st < first + count; ++st) m = std::max<double>(m, s[static_cast<std::size_t>((t * states + st) * heads + h)]);
-    o.assign(static_cast<std::size_t>(dim), 0.0);
-    if (std::isinf(m)) return -INFINITY;
-    double sum = 0;
-    for (std::int64_t st = first; st < first + count; ++st) {
-      const double w = std::exp2(s[static_cast<std::size_t>((t * states + st) * heads + h)] - m);
-      if (w == 0) continue;
-      sum += w;
-      for (std::int64_t d = 0; d < dim; ++d) o[static_cast<std::size_t>(d)] += w * v[static_cast<std::size_t>(((t * states + st) * heads + h) * dim + d)];
-    }
-    for (auto& x : o) x /= sum;
-    return m + std::log2(sum);
-  };
-  DeviceMemory dv = to_device(v), ds = to_device(s), out(static_cast<std::size_t>(seq * heads * dim) * 4), out_s(static_cast<std::size_t>(seq * heads) * 4);
-  out.fill(0xff);
-  out_s.fill(0xff);
-  engine().get(fmt::format(R"({{"op": "merge_states", "num_heads": {}, "head_dim": {}, "dtype": "float32"}})", heads, dim))
-      .launch({dv.get(), ds.get(), out.get(), out_s.get(), seq, states});
-  synchronize();
-  auto got = out.download_as<float>(), got_s = out_s.download_as<float>();
-  std::vector<double> o;
-  for (std::int64_t t = 0; t < seq; ++t)
-    for (std::int64_t h = 0; h < heads; ++h) {
-      const double lse = reference(t, h, 0, states, o);
-      const float g = got_s[static_cast<std::size_t>(t * heads + h)];
-      INFO("token " << t << " head " << h);
-      if (std::isinf(lse)) CHECK((std::isinf(g) && g < 0));
-      else CHECK(std::fabs(g - lse) <= 1e-5 * std::max(1.0, std::fabs(lse)));
-      for (std::int64_t d = 0; d < dim; ++d)
-        REQUIRE(std::fabs(got[static_cast<std::size_t>((t * heads + h) * dim + d)] - o[static_cast<std::size_t>(d)]) <= 1e-5);
-    }
+  const std::int64_t heads = 6, dim = 128;
+  std::int64_t seq = 0, states = 0;
+  std::vector<float> v, s;
+  // merge_states: a lane group per row (300 tokens), and a block per row for few rows
+  // (seq_len <= 1024 / heads), with few and many states; the last shape serves merge_state.
+  for (auto [shape_seq, shape_states] : {std::pair<std::int64_t, std::int64_t>{300, 5}, {3, 61}, {33, 5}}) {
+    seq = shape_seq;
+    states = shape_states;
+    // States as float32 values with base-2 lse; some empty (lse -inf, values garbage).
+    v.assign(static_cast<std::size_t>(seq * states * heads * dim), 0.f);
+    s.assign(static_cast<std::size_t>(seq * states * heads), 0.f);
+    for (auto& x : v) x = normal(rng);
+    for (std::size_t i = 0; i < s.size(); ++i) s[i] = i % 7 == 3 ? -INFINITY : 4.f * normal(rng);
+    for (std::int64_t h = 0; h < heads; ++h)  // token 0, head h: every state empty when h == 0
+      for (std::int64_t st = 0; st < states; ++st) s[static_cast<std::size_t>(st * heads + h)] = h == 0 ? -INFINITY : s[static_cast<std::size_t>(st * heads + h)];
+    for (std::size_t i = 0; i < v.size(); ++i)
+      if (std::isinf(s[i / dim])) v[i] = std::nanf("");  // an empty state's values must not be read
+    auto reference = [&](std::int64_t t, std::int64_t h, std::int64_t first, std::int64_t count, std::vector<double>& o) -> double {
+      double m = -INFINITY;
+      for (std::int64_t st = first; st < first + count; ++st) m = std::max<double>(m, s[static_cast<std::size_t>((t * states + st) * heads + h)]);
+      o.assign(static_cast<std::size_t>(dim), 0.0);
+      if (std::isinf(m)) return -INFINITY;
+      double sum = 0;
+      for (std::int64_t st = first; st < first + count; ++st) {
+        const double w = std::exp2(s[static_cast<std::size_t>((t * states + st) * heads + h)] - m);
+        if (w == 0) continue;
+        sum += w;
+        for (std::int64_t d = 0; d < dim; ++d) o[static_cast<std::size_t>(d)] += w * v[static_cast<std::size_t>(((t * states + st) * heads + h) * dim + d)];
+      }
+      for (auto& x : o) x /= sum;
+      return m + std::log2(sum);
+    };
+    DeviceMemory dv = to_device(v), ds = to_device(s), out(static_cast<std::size_t>(seq * heads * dim) * 4), out_s(static_cast<std::size_t>(seq * heads) * 4);
+    out.fill(0xff);
+    out_s.fill(0xff);
+    engine().get(fmt::format(R"({{"op": "merge_states", "num_heads": {}, "head_dim": {}, "dtype": "float32"}})", heads, dim))
+        .launch({dv.get(), ds.get(), out.get(), out_s.get(), seq, states});
+    synchronize();
+    auto got = out.download_as<float>(), got_s = out_s.download_as<float>();
+    std::vector<double> o;
+    for (std::int64_t t = 0; t < seq; ++t)
+      for (std::int64_t h = 0; h < heads; ++h) {
+        const double lse = reference(t, h, 0, states, o);
+        const float g = got_s[static_cast<std::size_t>(t * heads + h)];
+        INFO("token " << t << " head " << h);
+        if (std::isinf(lse)) CHECK((std::isinf(g) && g < 0));
+        else CHECK(std::fabs(g - lse) <= 1e-5 * std::max(1.0, std::fabs(lse)));
+        for (std::int64_t d = 0; d < dim; ++d)
+          REQUIRE(std::fabs(got[static_cast<std::size_t>((t * heads + h) * dim + d)] - o[static_cast<std::size_t>(d)]) <= 1e-5);
+      }
+  }
 
   // merge_state: states 1 and 3 of each token as two separate bf16 tensors.
   std::vector<std::uint16_t> va(static_cast<std::size_t>(seq * heads * dim)), vb(va.size());
@@ -473,14 +482,15 @@ TEST_CASE("merge_state and merge_states equal one pass over all the keys", "[gpu
         vb[static_cast<std::size_t>((t * heads + h) * dim + d)] = float_to_bf16(v[static_cast<std::size_t>(((t * states + 3) * heads + h) * dim + d)]);
       }
     }
-  DeviceMemory dva = to_device(va), dvb = to_device(vb), dsa = to_device(sa), dsb = to_device(sb), out2(va.size() * 2);
+  DeviceMemory dva = to_device(va), dvb = to_device(vb), dsa = to_device(sa), dsb = to_device(sb), out2(va.size() * 2),
+               out_s(sa.size() * 4);
   out2.fill(0xff);
   out_s.fill(0xff);
   engine().get(fmt::format(R"({{"op": "merge_state", "num_heads": {}, "head_dim": {}, "dtype": "bfloat16"}})", heads, dim))
       .launch({dva.get(), dsa.get(), dvb.get(), dsb.get(), out2.get(), out_s.get(), seq});
   synchronize();
   auto got2 = out2.download_as<std::uint16_t>();
-  got_s = out_s.download_as<float>();
+  auto got_s = out_s.download_as<float>();
   for (std::int64_t t = 0; t < seq; ++t)
     for (std::int64_t h = 0; h < heads; ++h) {
       // Reference from the bf16-rounded inputs of states 1 and 3.
@@ -512,6 +522,11 @@ TEST_CASE("batch decode refuses bad plans and arguments", "[gpu][attention]") {
   const std::vector<std::int32_t> indptr2 = {0, 2}, last2 = {17};
   CHECK_THROWS_WITH(decode.plan(indptr2, last2), Catch::Contains("kv_last_page_len[0] = 17 is outside 1..16"));
   CHECK_THROWS_WITH(decode.plan(indptr2, std::vector<std::int32_t>{}), Catch::Contains("expected batch_size + 1"));
+  // A fixed split (sweeps): 7 chunks of the 19 tokens, with a workspace for their states.
+  const std::vector<std::int32_t> last3 = {3};
+  const kjit::DecodePlan fixed = decode.plan(indptr2, last3, 7);
+  CHECK((fixed.num_chunks == 7 && fixed.chunk_size == 3 && fixed.workspace_bytes >= 7 * 8 * 129 * 4));
+  CHECK_THROWS_WITH(decode.plan(indptr2, last3, -1), Catch::Contains("num_chunks = -1 is outside 0..65535"));
   // A split plan without a workspace.
   kjit::DecodePlan split{1, 4, 100, 4096};
   CHECK_THROWS_WITH(decode.run(split, {nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr}, 0.1),

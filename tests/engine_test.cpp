@@ -125,4 +125,14 @@ TEST_CASE("decode plans split long KV only where the batch leaves the GPU idle",
   CHECK(chunks4(64, 4096) == 1);
   CHECK(chunks4(256, 1024) == 1);
   CHECK(chunks4(1, 32768) == 60);  // the fewest chunks with the last wave >= 90% full (480 of 528)
+
+  // Two blocks per SM (what BatchDecode aims to fill with 16-bit KV): 264 slots.
+  auto chunks2 = [](std::int64_t batch, std::int64_t len) {
+    std::vector<std::int64_t> lengths(static_cast<std::size_t>(batch), len);
+    return kjit::plan_decode_split(lengths, 8, 32, 128, 132, 2).num_chunks;
+  };
+  CHECK(chunks2(1, 32768) == 30);  // 240 of 264 slots
+  CHECK(chunks2(8, 8192) == 4);    // 256 blocks
+  CHECK(chunks2(32, 4096) == 1);
+  CHECK(chunks2(64, 4096) == 1);   // 512 blocks: two waves, 97% full
 }

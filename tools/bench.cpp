@@ -187,7 +187,7 @@ BenchResult bench_kernel(const Kernel& kernel, const std::map<std::string, std::
 }
 
 BenchResult bench_decode(Engine& engine, const std::string& spec, std::int64_t batch_size, std::int64_t kv_len,
-                         int iterations, std::string* plan_text) {
+                         int iterations, std::string* plan_text, std::int64_t num_chunks) {
   BatchDecode decode(engine, spec);
   const KernelInfo& info = decode.decode_kernel().info();
   const auto j = nlohmann::json::parse(info.spec);
@@ -217,7 +217,7 @@ BenchResult bench_decode(Engine& engine, const std::string& spec, std::int64_t b
   d_indptr.upload(indptr.data());
   d_last.upload(last.data());
   if (!indices.empty()) d_indices.upload(indices.data());
-  const DecodePlan plan = decode.plan(indptr, last);
+  const DecodePlan plan = decode.plan(indptr, last, num_chunks);
   DeviceBuffer workspace(std::max<std::size_t>(plan.workspace_bytes, 1));
   const DecodeBuffers buffers{q.get(), k.get(), combined ? nullptr : v.get(), static_cast<const std::int32_t*>(d_indptr.get()),
                               static_cast<const std::int32_t*>(d_indices.get()), static_cast<const std::int32_t*>(d_last.get()),

@@ -59,8 +59,10 @@ class BatchDecode {
   // A batch_decode spec; builds its decode kernel and the merge kernel it needs.
   BatchDecode(Engine& engine, std::string_view spec_json);
 
-  // kv_indptr has batch_size + 1 entries, kv_last_page_len batch_size.
-  DecodePlan plan(std::span<const std::int32_t> kv_indptr, std::span<const std::int32_t> kv_last_page_len) const;
+  // kv_indptr has batch_size + 1 entries, kv_last_page_len batch_size. num_chunks > 0
+  // fixes the KV split instead of the planner's choice (variant sweeps).
+  DecodePlan plan(std::span<const std::int32_t> kv_indptr, std::span<const std::int32_t> kv_last_page_len,
+                  std::int64_t num_chunks = 0) const;
   void run(const DecodePlan& plan, const DecodeBuffers& buffers, double sm_scale, void* stream = nullptr) const;
 
   const Kernel& decode_kernel() const { return decode_; }
