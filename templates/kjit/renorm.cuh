@@ -52,30 +52,25 @@ struct Renorm {
   }
 
   static __device__ void run(const T* __restrict__ in, T* __restrict__ out, long long top_k, float top_p) {
-    __shared__ double bins[256];  // counts or masses
+    __shared__ double masses[256];    // top-p: the bins' masses
+    __shared__ unsigned counts[256];  // top-k: the bins' counts (integer atomics, native and fast)
     __shared__ double sums[kThreads / 32];
     __shared__ unsigned chosen_digit;
     __shared__ double chosen_above;
     const T* row = in + static_cast<long long>(blockIdx.x) * kVocab;
     T* out_row = out + static_cast<long long>(blockIdx.x) * kVocab;
 
-    double total = 0;
-    if constexpr (kByMass) {
-      double local = 0;
-      for (int v = threadIdx.x; v < kVecsPerRow; v += kThreads) {
-        Vec<T, kVec> x;
-        x.load(row + v * kVec);
-#pragma unroll
-        for (int j = 0; j < kVec; ++j) local += value(x[j]);
-      }
-      total = block_sum(local, sums);
-    }
+    // Top-p's limit is top_p times the row's mass: the sum of the first pass's bins, which
+    // hold every entry (so no pass of its own); thread 0 selects the digits.
+    double limit = static_cast<double>(top_k);
     // Entries strictly above the current prefix's range: their count (or mass).
-    const double limit = kByMass ? static_cast<double>(top_p) * total : static_cast<double>(top_k);
     double above = 0;
     unsigned prefix = 0, prefix_mask = 0;
     for (int shift = 24; shift >= 0; shift -= 8) {
-      for (int b = threadIdx.x; b < 256; b += kThreads) bins[b] = 0;
+      for (int b = threadIdx.x; b < 256; b += kThreads) {
+        if constexpr (kByMass) masses[b] = 0;
+        else counts[b] = 0;
+      }
       __syncthreads();
       for (int v = threadIdx.x; v < kVecsPerRow; v += kThreads) {
         Vec<T, kVec> x;
@@ -84,11 +79,34 @@ struct Renorm {
         for (int j = 0; j < kVec; ++j) {
           const float p = value(x[j]);
           const unsigned k = order_key(p);
-          if ((k & prefix_mask) == prefix) atomicAdd(&bins[(k >> shift) & 0xffu], kByMass ? static_cast<double>(p) : 1.0);
+          const bool hit = (k & prefix_mask) == prefix;
+          const unsigned bin = (k >> shift) & 0xffu;
+          // Lanes adding to the same bin add once: most entries of a long-tailed row share a
+          // few bins, and same-address atomics of a warp serialize (a double one is a
+          // compare-and-swap loop, retried by every lane that lost).
+          const unsigned hits = __ballot_sync(__activemask(), hit);
+          if (hit) {
+            const unsigned peers = __match_any_sync(hits, bin);
+            const bool leader = static_cast<int>(threadIdx.x % 32) == __ffs(peers) - 1;
+            if constexpr (kByMass) {
+              double mass = 0;  // the peers' values, passed along to every peer
+              for (unsigned m = peers; m != 0; m &= m - 1) mass += __shfl_sync(peers, static_cast<double>(p), __ffs(m) - 1);
+              if (leader) atomicAdd(&masses[bin], mass);
+            } else if (leader) {
+              atomicAdd(&counts[bin], __popc(peers));
+            }
+          }
         }
       }
       __syncthreads();
       if (threadIdx.x == 0) {
+        if constexpr (kByMass) {
+          if (shift == 24) {
+            double total = 0;
+            for (int b = 0; b < 256; ++b) total += masses[b];
+            limit = static_cast<double>(top_p) * total;
+          }
+        }
         // From the top bin down: the lowest non-empty bin whose entries have less than the
         // limit strictly above its largest entry. The top non-empty bin always qualifies
         // (its entries only have `above` over them, and that is below the limit).
@@ -96,10 +114,11 @@ struct Renorm {
         unsigned digit = 0;
         double digit_above = above;
         for (int b = 255; b >= 0; --b) {
-          if (bins[b] == 0) continue;
+          const double bin = kByMass ? masses[b] : static_cast<double>(counts[b]);
+          if (bin == 0) continue;
           if (running < limit) { digit = static_cast<unsigned>(b); digit_above = running; }
           else break;
-          running += bins[b];
+          running += bin;
         }
         chosen_digit = digit;
         chosen_above = digit_above;
@@ -112,8 +131,11 @@ struct Renorm {
     }
     const float threshold = key_value(prefix);
 
+    // The set's mass: top-p has it from the last pass (the mass above t's bin, and t's bin,
+    // whose entries all equal t); top-k sums it in one more pass.
     double mass = 1.0;
-    if constexpr (kMode != Mode::top_k_logits) {
+    if constexpr (kByMass) mass = above + masses[prefix & 0xffu];
+    if constexpr (kMode == Mode::top_k_probs) {
       double local = 0;
       for (int v = threadIdx.x; v < kVecsPerRow; v += kThreads) {
         Vec<T, kVec> x;
