@@ -18,7 +18,8 @@
 //     kv_indices, kv_last_page_len follow it): append attention, after append_paged_kv_cache;
 //     tuning: keys_per_tile (32 | 64), pack_gqa (default true where the group is <= 64:
 //     a block's rows are (query, head) pairs of one KV head's group), warpgroup_mma
-//     (default true: sm_90a's wgmma where head_dim <= 128, else mma.sync)
+//     (default true: sm_90a's wgmma where head_dim <= 128, else mma.sync), warpgroups
+//     (1 | 2: blocks of 64 or 128 query rows sharing each K/V tile)
 //   {"op": "append_paged_kv_cache", "num_kv_heads": 8, "head_dim": 128, "page_size": 16,
 //    "dtype": "bfloat16"}    (kv_layout, kv_storage as above; dtype may be float8_e4m3)
 //   {"op": "merge_states" | "merge_state", "num_heads": 32, "head_dim": 128,

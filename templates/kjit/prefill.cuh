@@ -1,6 +1,8 @@
-// Prefill attention over ragged contiguous K/V with tensor cores (mma.sync m16n8k16,
-// FlashAttention-2's split: each warp owns 16 query rows of a 64-row block and keeps
-// its scores, probabilities and output in registers).
+// Prefill attention with tensor cores, FlashAttention-2's split: each warp owns 16 query
+// rows of its warpgroup's 64 and keeps their scores, probabilities and output in
+// registers. The GEMMs are mma.sync m16n8k16, or on sm_90a warpgroup wgmma reading K, V
+// (and Q) straight from shared memory (wgmma.cuh); both give the same accumulator layout,
+// so everything else is shared.
 //
 // Request b has queries [qo_indptr[b], qo_indptr[b + 1]) of q [tokens, qo_heads, dim]
 // and its keys/values in ragged rows or a paged cache (Kv below). Causal masking is aligned to the end (query i of qo_len sees keys
@@ -13,7 +15,8 @@
 // so the group shares every K/V tile and a request with few queries (append attention,
 // speculative decoding) still fills the 64 rows; otherwise rows are queries of one head.
 // Rows are swizzled (16-byte chunk c of row r stored at
-// chunk c ^ (r % 8)) so ldmatrix reads 8 rows without bank conflicts.
+// chunk c ^ (r % 8)) so ldmatrix reads 8 rows without bank conflicts; wgmma's layout keeps
+// that swizzle over column blocks of 64 elements.
 #pragma once
 
 #include "kjit/mma.cuh"
@@ -74,11 +77,11 @@ struct BatchPrefill {
   static constexpr bool kQInRegisters = !kWgmma && kHeadDim <= 128;
   // Tiles, plus 1 KB to align them to 1024 bytes (wgmma's swizzle works on address bits).
   static constexpr int kSharedBytes = (kRows + 4 * kKeys) * kHeadDim * 2 + 1024;
-  // head_dim 256, and the soft cap's tanh, need more registers than a cap allows (they spill).
   // Blocks per SM the register budget targets, at most what shared memory holds: 4 with
   // wgmma and 32-key tiles (at most 128 registers: causal 8192 470 TFLOP/s, paged append
   // 377 us, against 464 and 445 with 3), else 3 (at most 168: with mma.sync measured
-  // faster than 2 with more registers; wgmma's 64-key scores need more than 128).
+  // faster than 2 with more registers; wgmma's 64-key scores need more than 128). No
+  // target for head_dim 256 and the soft cap's tanh: they need more (capped, they spill).
   static constexpr int kBlocksInSharedMemory = 227 * 1024 / kSharedBytes;
   static constexpr int kRegisterTarget = kHeadDim <= 128 && !kSoftCap ? (kWgmma && kKeys == 32 ? 4 : 3) / kWarpgroups : 1;
   static constexpr int kMinBlocksPerSm = kRegisterTarget < kBlocksInSharedMemory ? kRegisterTarget
