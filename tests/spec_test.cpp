@@ -76,6 +76,29 @@ TEST_CASE("sampling rows go to shared memory over as few blocks as fit", "[spec]
   CHECK(plan(R"({"op": "sampling_from_probs", "vocab_size": 1000, "dtype": "float32", "blocks_per_row": 0})").spec["blocks_per_row"] == 0);
 }
 
+TEST_CASE("attention plans: prefill blocks and the merge's few-row form", "[spec][attention]") {
+  const std::string prefill = R"("op": "batch_prefill", "num_qo_heads": 32, "num_kv_heads": 8, "head_dim": 128, "dtype": "bfloat16")";
+  const auto one = plan("{" + prefill + "}");
+  CHECK_FALSE(one.spec.contains("warpgroups"));  // defaults stay out of the canonical spec
+  CHECK_FALSE(one.spec.contains("warpgroup_mma"));
+  CHECK(one.launch.block[0] == 128);
+  CHECK(one.launch.grid[2].divisor == 64 / 4);  // 64 rows of 16 queries x 4 heads per block
+  const auto two = plan("{" + prefill + R"(, "warpgroups": 2, "warpgroup_mma": false})");
+  CHECK(two.spec["warpgroups"] == 2);
+  CHECK(two.spec["warpgroup_mma"] == false);
+  CHECK(two.launch.block[0] == 256);
+  CHECK(two.launch.grid[2].divisor == 128 / 4);
+  CHECK(two.launch.dynamic_shared_bytes == (128 + 4 * 32) * 128 * 2 + 1024);
+
+  // merge_states: a block per row (the "_split" entry) while seq_len <= 1024 / heads.
+  const auto merge = plan(R"({"op": "merge_states", "num_heads": 32, "head_dim": 128, "dtype": "float32"})");
+  REQUIRE(merge.conditional_launches.size() == 1);
+  CHECK(merge.conditional_launches[0].entry == "kjit_merge_states_split");
+  CHECK(merge.conditional_launches[0].at_most == 32);
+  CHECK(merge.conditional_launches[0].grid[0].multiplier == 32);
+  CHECK(plan(R"({"op": "merge_state", "num_heads": 32, "head_dim": 128, "dtype": "float32"})").conditional_launches.empty());
+}
+
 TEST_CASE("launch geometry covers every row and element", "[spec]") {
   for (int hidden : {1, 2, 3, 8, 100, 128, 256, 264, 512, 1536, 2048, 4096, 4097, 5120, 7168, 8192, 16384}) {
     for (int vectors : {1, 2, 4, 8})
