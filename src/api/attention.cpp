@@ -33,33 +33,45 @@ WorkspaceLayout workspace_layout(const DecodePlan& plan, std::int64_t heads, std
   return w;
 }
 
+std::int64_t longest_of(std::span<const std::int64_t> kv_lengths) {
+  std::int64_t longest = 0;
+  for (std::int64_t len : kv_lengths) longest = std::max(longest, len);
+  return longest;
+}
+
+// Every request's KV in `chunks` chunks of the longest request's length / chunks (a
+// shorter request's last chunks may be empty).
+DecodePlan split_plan(std::span<const std::int64_t> kv_lengths, std::int64_t chunks, std::int64_t heads,
+                      std::int64_t head_dim) {
+  DecodePlan plan;
+  plan.batch_size = static_cast<std::int64_t>(kv_lengths.size());
+  plan.num_chunks = chunks;
+  plan.chunk_size = (std::max<std::int64_t>(longest_of(kv_lengths), 1) + chunks - 1) / chunks;
+  plan.workspace_bytes = workspace_layout(plan, heads, head_dim).total;
+  return plan;
+}
+
 }  // namespace
 
 DecodePlan plan_decode_split(std::span<const std::int64_t> kv_lengths, std::int64_t blocks_per_request,
                              std::int64_t num_qo_heads, std::int64_t head_dim, int num_sms, int blocks_per_sm) {
-  DecodePlan plan;
-  plan.batch_size = static_cast<std::int64_t>(kv_lengths.size());
-  std::int64_t longest = 0;
-  for (std::int64_t len : kv_lengths) longest = std::max(longest, len);
-  plan.chunk_size = std::max<std::int64_t>(longest, 1);
+  const auto batch = static_cast<std::int64_t>(kv_lengths.size());
+  const std::int64_t longest = longest_of(kv_lengths);
   // Blocks run in waves of `slots` (blocks_per_sm decode blocks fit an SM). Splitting every
   // request into c chunks gives batch * blocks_per_request * c blocks; take a c whose
   // last wave is full enough (uniform lengths make every block take the same time), with
   // chunks of at least 256 tokens (a chunk's partial state is written and read back).
   const double slots = static_cast<double>(std::max(blocks_per_sm, 1)) * std::max(num_sms, 1);
   auto fullness = [&](std::int64_t c) {
-    const double waves = static_cast<double>(plan.batch_size * blocks_per_request * c) / slots;
+    const double waves = static_cast<double>(batch * blocks_per_request * c) / slots;
     return waves / std::ceil(waves);
   };
   // The fewest chunks whose last wave is at least 90% full, else the fullest.
   std::int64_t best = 1;
   const std::int64_t most = std::min<std::int64_t>(std::max<std::int64_t>(longest / 256, 1), 1024);
-  for (std::int64_t c = 2; plan.batch_size > 0 && fullness(best) < 0.9 && c <= most; ++c)
+  for (std::int64_t c = 2; batch > 0 && fullness(best) < 0.9 && c <= most; ++c)
     if (fullness(c) > fullness(best)) best = c;
-  plan.num_chunks = best;
-  plan.chunk_size = (std::max<std::int64_t>(longest, 1) + best - 1) / best;
-  plan.workspace_bytes = workspace_layout(plan, num_qo_heads, head_dim).total;
-  return plan;
+  return split_plan(kv_lengths, best, num_qo_heads, head_dim);
 }
 
 BatchDecode::BatchDecode(Engine& engine, std::string_view spec_json) {
@@ -108,14 +120,8 @@ DecodePlan BatchDecode::plan(std::span<const std::int32_t> kv_indptr, std::span<
     lengths[b] = pages > 0 ? (pages - 1) * page_size_ + last : 0;
     if (window_ > 0) lengths[b] = std::min(lengths[b], window_);
   }
-  if (num_chunks == 0) return plan_decode_split(lengths, blocks_per_request_, num_qo_heads_, head_dim_, num_sms_, blocks_per_sm_);
-  DecodePlan plan;
-  plan.batch_size = static_cast<std::int64_t>(lengths.size());
-  const std::int64_t longest = std::max<std::int64_t>(lengths.empty() ? 1 : *std::max_element(lengths.begin(), lengths.end()), 1);
-  plan.num_chunks = num_chunks;
-  plan.chunk_size = (longest + num_chunks - 1) / num_chunks;
-  plan.workspace_bytes = workspace_layout(plan, num_qo_heads_, head_dim_).total;
-  return plan;
+  if (num_chunks > 0) return split_plan(lengths, num_chunks, num_qo_heads_, head_dim_);
+  return plan_decode_split(lengths, blocks_per_request_, num_qo_heads_, head_dim_, num_sms_, blocks_per_sm_);
 }
 
 void BatchDecode::run(const DecodePlan& plan, const DecodeBuffers& b, double sm_scale, void* stream) const {
