@@ -92,7 +92,7 @@ struct MergeStates {
   // One output row by the whole block, for few rows of many states (a split decode of a
   // small batch): kGroups lane groups take every kGroups-th state, then the first group
   // combines their partials from shared memory. (With one lane group per row, the states'
-  // load latencies add up: 60 states of 32 rows took 16.5 us, against 7.0 with 8 groups.)
+  // load latencies add up: 60 states of 32 rows took 16.5 us, 6.1 with a block of 512.)
   template <int kGroups, typename States>
   static __device__ __forceinline__ void merge_row_split(const States& states, int count, TOut* out, float* s_out) {
     const int group = threadIdx.x / kLanes, lane = threadIdx.x % kLanes;
