@@ -143,6 +143,15 @@ struct BatchPrefill {
                          });
   }
 
+  // Probabilities of keys 16 kk .. 16 kk + 15 (score groups 2 kk and 2 kk + 1) as the A
+  // fragment of P V: the accumulator layout of S is the A layout of P (mma.cuh).
+  static __device__ __forceinline__ void probability_fragment(const float (&s)[kKeys / 8][4], int kk, unsigned (&a)[4]) {
+    a[0] = mma::pack2<T>(s[2 * kk][0], s[2 * kk][1]);
+    a[1] = mma::pack2<T>(s[2 * kk][2], s[2 * kk][3]);
+    a[2] = mma::pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+    a[3] = mma::pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+  }
+
   // kv_indices and kv_last_page_len: paged K/V only (null for ragged).
   static __device__ void run(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                              const int* __restrict__ qo_indptr, const int* __restrict__ kv_indptr,
@@ -151,8 +160,8 @@ struct BatchPrefill {
     const float kNegInf = -__int_as_float(0x7f800000);
     extern __shared__ __align__(128) unsigned char dynamic_shared[];
     T* q_tile = reinterpret_cast<T*>(dynamic_shared + (-mma::shared_address(dynamic_shared) & 1023u));
-    T* k_tiles = q_tile + kRows * kHeadDim;      // [2][kKeys][kHeadDim]
-    T* v_tiles = k_tiles + 2 * kKeys * kHeadDim;  // [2][kKeys][kHeadDim]
+    T* k_tiles = q_tile + kRows * kHeadDim;      // 2 buffers of kKeys x kHeadDim (tile_offset's layout)
+    T* v_tiles = k_tiles + 2 * kKeys * kHeadDim;  // 2 buffers of kKeys x kHeadDim
 
     // Grid (head, request, row tile), row tiles slowest and last first: blocks start in
     // order of their linear index, so every request's longest causal tiles start first.
@@ -339,10 +348,7 @@ struct BatchPrefill {
         unsigned p[kKeys / 16][4];
 #pragma unroll
         for (int kk = 0; kk < kKeys / 16; ++kk) {
-          p[kk][0] = mma::pack2<T>(s[2 * kk][0], s[2 * kk][1]);
-          p[kk][1] = mma::pack2<T>(s[2 * kk][2], s[2 * kk][3]);
-          p[kk][2] = mma::pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-          p[kk][3] = mma::pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+          probability_fragment(s, kk, p[kk]);
 #pragma unroll
           for (int e = 0; e < 4; ++e) asm volatile("" : "+r"(p[kk][e])::"memory");
         }
@@ -358,9 +364,8 @@ struct BatchPrefill {
       } else {
 #pragma unroll
       for (int kk = 0; kk < kKeys / 16; ++kk) {
-        const unsigned a[4] = {mma::pack2<T>(s[2 * kk][0], s[2 * kk][1]), mma::pack2<T>(s[2 * kk][2], s[2 * kk][3]),
-                               mma::pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                               mma::pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+        unsigned a[4];
+        probability_fragment(s, kk, a);
 #pragma unroll
         for (int dp = 0; dp < kHeadDim / 16; ++dp) {
           unsigned bv[4];
