@@ -57,7 +57,9 @@ TEST_CASE("sampling rows go to shared memory over as few blocks as fit", "[spec]
   auto layout = [](std::int64_t vocab, const char* dtype) {
     auto p = plan(fmt::format(R"({{"op": "top_p_sampling_from_probs", "vocab_size": {}, "dtype": "{}"}})", vocab, dtype));
     CHECK(p.launch.grid[0].multiplier == 1);  // large batches: one block streams each row
-    CHECK(p.launch.dynamic_shared_bytes == 0);
+    // through a copy ring of 192 KB (a filter reads the row more than once) when the row is made of 16-byte vectors
+    const std::int64_t row_bytes = vocab * (std::string_view(dtype) == "float32" ? 4 : 2);
+    CHECK(p.launch.dynamic_shared_bytes == (row_bytes % 16 == 0 ? 196608u : 0u));
     if (p.conditional_launches.empty()) return std::pair<int, std::uint32_t>(0, 0);
     const auto& resident = p.conditional_launches[0];
     CHECK(resident.entry == p.entry + "_resident");
@@ -71,6 +73,15 @@ TEST_CASE("sampling rows go to shared memory over as few blocks as fit", "[spec]
   CHECK(layout(32000, "float32") == std::pair<int, std::uint32_t>(2, 64000));
   CHECK(layout(17, "float32") == std::pair<int, std::uint32_t>(1, 80));
   CHECK(layout(1 << 20, "float32") == std::pair<int, std::uint32_t>(0, 0));  // 4 MB rows: streamed
+  // The streamed form's copy ring: for rows read more than once, not for the one-pass
+  // draw nor top-k (both stream faster into registers).
+  auto ring_bytes = [](const char* op) {
+    return plan(fmt::format(R"({{"op": "{}", "vocab_size": 128256, "dtype": "float32"}})", op)).launch.dynamic_shared_bytes;
+  };
+  CHECK(ring_bytes("sampling_from_probs") == 0);
+  CHECK(ring_bytes("top_k_sampling_from_probs") == 0);
+  CHECK(ring_bytes("sampling_from_logits") == 196608);
+  CHECK(ring_bytes("min_p_sampling_from_probs") == 196608);
   // The canonical spec names the field only when it is not the default.
   CHECK_FALSE(plan(R"({"op": "sampling_from_probs", "vocab_size": 1000, "dtype": "float32", "blocks_per_row": 1})").spec.contains("blocks_per_row"));
   CHECK(plan(R"({"op": "sampling_from_probs", "vocab_size": 1000, "dtype": "float32", "blocks_per_row": 0})").spec["blocks_per_row"] == 0);

@@ -62,9 +62,18 @@ struct Pivots {
 template <>
 struct Pivots<0> {};
 
+// A compile-time flag that a generic lambda can branch on.
+template <bool kValue>
+struct Constant {
+  static constexpr bool value = kValue;
+};
+
 // kBlocksPerRow: 0 streams each row from global memory with one block; 1..8 keeps
 // the row in shared memory, split into that many slices, one per block of a cluster.
-template <typename T, int kVocab, int kVec, int kThreads, Filter kFilter, bool kLogits = false, int kBlocksPerRow = 0>
+// kRingStages: a streamed row of 16-byte vectors goes through a ring of that many
+// shared-memory stages (0: straight from global memory into registers).
+template <typename T, int kVocab, int kVec, int kThreads, Filter kFilter, bool kLogits = false, int kBlocksPerRow = 0,
+          int kRingStages = 0>
 struct Sampler {
   static constexpr int kWarps = kThreads / 32;
   static constexpr int kMaxRounds = 64;
@@ -85,9 +94,19 @@ struct Sampler {
   // Dynamic shared memory the launch must give: one slice of the row.
   static constexpr int kSliceBytes = kResident ? (kVecsPerBlock * kVec * static_cast<int>(sizeof(T)) + 15) / 16 * 16 : 0;
   static constexpr int kUnroll = 4;
+  static constexpr int kGroup = kVec < 4 ? kVec : 4;  // elements a pass looks at together
+  // The ring is filled by the bulk copy engine: loads take no registers, and a pass
+  // starts on what the ring still holds from the last one.
+  static constexpr bool kRing = kRingStages > 0;
+  static constexpr int kStageVecs = kThreads * 2;
+  static constexpr int kStages = kRing ? kRingStages : 1;
+  static constexpr int kRingBytes = kRing ? kStages * kStageVecs * 16 : 0;
+  // Dynamic shared memory the launch gives: the row slice or the ring.
+  static constexpr int kDynamicSharedBytes = kResident ? kSliceBytes : kRingBytes;
   static_assert(kVocab % kVec == 0, "vector width must divide the vocabulary");
   static_assert(kDraws <= kWarps && kDraws <= 4, "one warp and one Philox lane per draw");
   static_assert(kBlocksPerRow >= 0 && kBlocksPerRow <= 8, "a portable cluster has at most 8 blocks");
+  static_assert(!kRing || (!kResident && kVec * sizeof(T) == 16 && kStages <= 32), "the ring streams 16-byte vectors");
   static_assert(kVecsPerBlock * (kCluster - 1) < kVecsPerRow, "every block of a row needs a non-empty slice");
 
   struct Partial {
@@ -120,13 +139,14 @@ struct Sampler {
     Candidate candidate[kDraws];    // written by the block that ran the draw into every block
     float block_max[kCluster];
     unsigned long long slice_loaded;  // mbarrier of the bulk copy
+    unsigned long long stage_loaded[kStages];  // the ring's mbarriers
     // Top-k first: digit histograms (two, so a pass never clears bins a peer still reads).
     int radix_bins[kTopKFirst ? 2 : 1][kTopKFirst ? 256 : 1];
     int radix_total[kTopKFirst ? 256 : 1];
     int radix_digit, radix_above;
   };
 
-  static __device__ __forceinline__ float clean(float p) { return p > 0.f ? p : 0.f; }  // NaN, negatives -> 0
+  static __device__ __forceinline__ float clean(float p) { return p > 0.f ? p : 0.f; }  // NaN, negatives, -0 -> +0
 
   // The unnormalized probability of an entry: itself, or for logits the softmax
   // weight exp((x - max) / T) in (0, 1] (NaN logits weigh 0). The filters only
@@ -213,6 +233,73 @@ struct Sampler {
     }
   }
 
+  // Where a pass reads this block's vectors: global memory, its resident slice, or
+  // global memory through the ring.
+  struct Stream {
+    const T* global;
+    const T* local;    // the slice, or the ring's first slot
+    bool ring;
+    unsigned passes;   // ring passes run so far
+    int base;          // the slot the last ring pass read first
+    unsigned phase;    // bit s: the parity slot s's mbarrier completes next (every thread tracks alike)
+  };
+
+  // f(v, x) for each of this thread's vectors: v % kThreads == threadIdx.x whatever
+  // the source, so a thread's chunk is the same in every pass.
+  template <typename F>
+  static __device__ __forceinline__ void read_row(Stream& s, int vecs, Shared& shared, F&& f) {
+    if constexpr (kRing) {
+      if (s.ring) return ring_pass(s, vecs, shared, f);
+    }
+    for_each_vector(s.local != nullptr ? s.local : s.global, vecs, f);
+  }
+
+  // A pass over the row in stages of kStageVecs vectors through kStages slots; thread 0
+  // refills a slot once the block has read it. Passes alternate direction, so each
+  // starts on the stages the last one read last, which still sit in the ring and are
+  // read again with no copy. Step i of a pass reads slot base + i going forwards,
+  // base - i going backwards.
+  template <typename F>
+  static __device__ void ring_pass(Stream& s, int vecs, Shared& shared, F&& f) {
+    const int stages = (vecs + kStageVecs - 1) / kStageVecs;
+    const bool backwards = s.passes % 2 == 1;
+    const int resident = s.passes == 0 ? 0 : min(stages, kStages);
+    const int base = s.passes == 0 ? 0 : ((s.base + (backwards ? stages - 1 : 1 - stages)) % kStages + kStages) % kStages;
+    auto slot_of = [&](int i) { return ((backwards ? base - i : base + i) % kStages + kStages) % kStages; };
+    auto first_of = [&](int i) { return (backwards ? stages - 1 - i : i) * kStageVecs; };
+    auto fill = [&](int i, int slot) {
+      const int first = first_of(i);
+      const unsigned bytes = static_cast<unsigned>(min(kStageVecs, vecs - first)) * 16u;
+      bulk::barrier_expect_bytes(&shared.stage_loaded[slot], bytes);
+      bulk::copy(const_cast<T*>(s.local) + slot * kStageVecs * kVec, s.global + first * kVec, bytes, &shared.stage_loaded[slot]);
+    };
+    if (threadIdx.x == 0)
+      for (int i = resident; i < min(stages, kStages); ++i) fill(i, slot_of(i));
+    for (int i = 0, slot = base; i < stages; ++i) {
+      const int first = first_of(i);
+      if (i >= resident) {
+        bulk::barrier_wait(&shared.stage_loaded[slot], (s.phase >> slot) & 1u);
+        s.phase ^= 1u << slot;
+      }
+      const int count = min(kStageVecs, vecs - first);
+      const T* stage = s.local + slot * kStageVecs * kVec;
+#pragma unroll
+      for (int j = 0; j < kStageVecs / kThreads; ++j) {
+        const int at = static_cast<int>(threadIdx.x) + j * kThreads;
+        if (at < count) {
+          Vec<T, kVec> x;
+          x.load(stage + at * kVec);
+          f(first + at, x);
+        }
+      }
+      __syncthreads();  // the slot has been read by every thread
+      if (threadIdx.x == 0 && i + kStages < stages) fill(i + kStages, slot);
+      slot = backwards ? (slot == 0 ? kStages - 1 : slot - 1) : (slot == kStages - 1 ? 0 : slot + 1);
+    }
+    s.base = base;
+    ++s.passes;
+  }
+
   // Resident rows: this block's slice into shared memory, by the bulk copy engine
   // when the slice is 16-byte aligned, else by ordinary loads. Also makes sure
   // every block of the cluster runs before any writes into a peer.
@@ -236,7 +323,7 @@ struct Sampler {
   // entries, {w > t} fewer). Weights are non-negative floats, which order as their bit
   // patterns; each pass histograms the next 8 bits of the entries that share the bits
   // found so far, and keeps the lowest non-empty bin with fewer than k entries above it.
-  static __device__ float top_k_threshold(const T* src, int vecs, long long k, float max_logit, float scale_log2,
+  static __device__ float top_k_threshold(Stream& src, int vecs, long long k, float max_logit, float scale_log2,
                                           Shared& shared) {
     const int lane = threadIdx.x % 32;
     unsigned prefix = 0, mask = 0;
@@ -246,7 +333,7 @@ struct Sampler {
       int* bins = shared.radix_bins[pass % 2];
       for (int i = threadIdx.x; i < 256; i += kThreads) bins[i] = 0;
       __syncthreads();
-      for_each_vector(src, vecs, [&](int, const Vec<T, kVec>& x) {
+      read_row(src, vecs, shared, [&](int, const Vec<T, kVec>& x) {
 #pragma unroll
         for (int j = 0; j < kVec; ++j) {
           const unsigned key = __float_as_uint(weight(to_float(x[j]), max_logit, scale_log2));
@@ -305,11 +392,20 @@ struct Sampler {
     // This block's vectors [first_vec, first_vec + vecs) of the row, read from src.
     const int first_vec = static_cast<int>(my_rank) * kVecsPerBlock;
     const int vecs = kResident ? min(kVecsPerBlock, kVecsPerRow - first_vec) : kVecsPerRow;
-    const T* src = p_row;
+    Stream src{p_row, nullptr, false, 0u, 0, 0u};
     if constexpr (kResident) {
       T* slice = reinterpret_cast<T*>(slice_storage);
       load_slice(p_row + first_vec * kVec, vecs, slice, shared);
-      src = slice;
+      src.local = slice;
+    }
+    if constexpr (kRing) {
+      src.ring = (reinterpret_cast<unsigned long long>(probs) & 15) == 0;  // every row then is: 16 | kVocab * sizeof(T)
+      if (src.ring) {
+        src.local = reinterpret_cast<const T*>(slice_storage);
+        if (threadIdx.x == 0)
+          for (int i = 0; i < kStages; ++i) bulk::barrier_init(&shared.stage_loaded[i], 1);
+        __syncthreads();
+      }
     }
     const int first_chunk = static_cast<int>(my_rank) * kThreads;
 
@@ -320,9 +416,9 @@ struct Sampler {
     float lo = 0.f;     // draws are from {p > lo}
     float floor = 0.f;  // min-p: and from {p >= floor} once the row maximum is known
     int candidate[kDraws];
-    float candidate_p[kDraws];
+    float candidate_p[kDraws];  // +inf where no candidate is pending, so no entry lies above it
 #pragma unroll
-    for (int d = 0; d < kDraws; ++d) { candidate[d] = -1; candidate_p[d] = 0.f; }
+    for (int d = 0; d < kDraws; ++d) { candidate[d] = -1; candidate_p[d] = __int_as_float(0x7f800000); }
     double total = 0.0;
     float row_max = 0.f;
     int row_argmax = 0;
@@ -338,7 +434,7 @@ struct Sampler {
     const float scale_log2 = params.inv_temperature * 1.4426950408889634f;  // log2(e) / T
     if constexpr (kLogits) {
       float m = -__int_as_float(0x7f800000);
-      for_each_vector(src, vecs, [&](int, const Vec<T, kVec>& x) {
+      read_row(src, vecs, shared, [&](int, const Vec<T, kVec>& x) {
 #pragma unroll
         for (int j = 0; j < kVec; ++j) m = fmaxf(m, to_float(x[j]));  // fmaxf skips NaN
       });
@@ -373,43 +469,81 @@ struct Sampler {
       double chunk = 0.0;  // this thread's eligible mass
       float gate = __int_as_float(0x7f800000);  // the lowest pending candidate's probability
 #pragma unroll
-      for (int d = 0; d < kDraws; ++d)
-        if (candidate[d] >= 0) gate = fminf(gate, candidate_p[d]);
+      for (int d = 0; d < kDraws; ++d) gate = fminf(gate, candidate_p[d]);
+      // Counting above the pivots costs as much as the rest of a pass, and only pays when
+      // candidates get rejected. A draw lies in the top-p set with probability at least
+      // top_p, so with top-p alone and top_p >= 1/2 the first two rounds (which four
+      // draws nearly always end) leave it out.
+      const bool count_pivots = kTopK || round >= 2 || params.top_p < 0.5f;
+      float pivot_gate = __int_as_float(0x7f800000);  // no element is above it
       if constexpr (kPivots > 0) {
 #pragma unroll
         for (int q = 0; q < kPivots; ++q) { pivots.count[q] = 0; pivots.mass[q] = 0.f; }
+        if (count_pivots) pivot_gate = pivots.value[0];
       }
-      for_each_vector(src, vecs, [&](int v, const Vec<T, kVec>& x) {
+      // One pass. The common path per element is a compare and an add; the rarer work
+      // (round 0's totals, counting above candidates and pivots) is gated per vector, so
+      // the pass is not made of branches (it was: 40 instructions an element).
+      auto visit = [&](auto first_round) {
+        read_row(src, vecs, shared, [&](int v, const Vec<T, kVec>& x) {
+          float eligible = 0.f;  // this thread's eligible mass in fp32 per vector (it only weighs the chunk in its race)
 #pragma unroll
-        for (int j = 0; j < kVec; ++j) {
-          const float p = weight(to_float(x[j]), max_logit, scale_log2);
-          if (round == 0) {
-            if (!kTopKFirst || p >= floor) part.total += p;  // top-k first: the mass of the top-k set
-            if (p > part.max) { part.max = p; part.argmax = (first_vec + v) * kVec + j; }
-          }
-          if constexpr (kTested) {
-            if (p > gate) {  // above the lowest pending candidate: rare, candidates are likely tokens
+          for (int g = 0; g < kVec; g += kGroup) {  // groups of four: 16-bit vectors of eight would spill
+            float p[kGroup];
 #pragma unroll
-              for (int d = 0; d < kDraws; ++d)
-                if (candidate[d] >= 0 && p > candidate_p[d]) {
-                  ++part.count[d];
-                  part.mass[d] += p;
-                }
+            for (int j = 0; j < kGroup; ++j) p[j] = weight(to_float(x[g + j]), max_logit, scale_log2);
+            float top = p[0];
+#pragma unroll
+            for (int j = 1; j < kGroup; ++j) top = fmaxf(top, p[j]);
+            if constexpr (decltype(first_round)::value) {
+#pragma unroll
+              for (int j = 0; j < kGroup; ++j)
+                if (!kTopKFirst || p[j] >= floor) part.total += p[j];  // top-k first: the mass of the top-k set
+              const int first = (first_vec + v) * kVec + g;  // passes may run backwards: ties go to the lowest index
+              if (top > part.max || (top == part.max && first < part.argmax)) {
+                int j = kGroup - 1;
+#pragma unroll
+                for (int k = kGroup - 2; k >= 0; --k)
+                  if (p[k] == top) j = k;
+                part.max = top;
+                part.argmax = first + j;
+              }
+            }
+            if constexpr (kTested) {
+              if (top > gate) {  // above the lowest pending candidate: rare, candidates are likely tokens
+#pragma unroll
+                for (int j = 0; j < kGroup; ++j)
+#pragma unroll
+                  for (int d = 0; d < kDraws; ++d)
+                    if (p[j] > candidate_p[d]) {
+                      ++part.count[d];
+                      part.mass[d] += p[j];
+                    }
+              }
+            }
+#pragma unroll
+            for (int j = 0; j < kGroup; ++j) {
+              const bool in = kFilter == Filter::min_p || kTopKFirst ? p[j] > lo && p[j] >= floor : p[j] > lo;
+              eligible += in ? p[j] : 0.f;
+            }
+            if constexpr (kPivots > 0) {
+              if (top > pivot_gate) {  // pivots ascend: most of a long tail stops here
+#pragma unroll
+                for (int j = 0; j < kGroup; ++j)
+#pragma unroll
+                  for (int q = 0; q < kPivots; ++q)
+                    if (p[j] > pivots.value[q]) {
+                      if constexpr (kTopK) ++pivots.count[q];
+                      if constexpr (kTopP) pivots.mass[q] += p[j];
+                    }
+              }
             }
           }
-          if (p > lo && p >= floor) chunk += p;
-          if constexpr (kPivots > 0) {
-            if (p > pivots.value[0]) {  // ascending: most of a long tail stops here
-#pragma unroll
-              for (int q = 0; q < kPivots; ++q)
-                if (p > pivots.value[q]) {
-                  if constexpr (kTopK) ++pivots.count[q];
-                  if constexpr (kTopP) pivots.mass[q] += p;
-                }
-            }
-          }
-        }
-      });
+          chunk += eligible;
+        });
+      };
+      if (round == 0) visit(Constant<true>{});
+      else visit(Constant<false>{});
       // The chunk races: one Philox call gives every draw its exponential.
       philox.counter.x = first_chunk + threadIdx.x;
       philox.counter.z = 2u * round;
@@ -421,7 +555,7 @@ struct Sampler {
           part.index[d] = first_chunk + threadIdx.x;
         }
       }
-      if constexpr (kPivots > 0) {
+      if constexpr (kPivots > 0) if (count_pivots) {
         if (threadIdx.x < kPivots) { shared.pivot_count[threadIdx.x] = 0; shared.pivot_mass[threadIdx.x] = 0.f; }
         __syncthreads();
 #pragma unroll
@@ -473,7 +607,7 @@ struct Sampler {
       }
       // Pivots with k tokens, or top_p of the mass, strictly above them lie below the threshold.
       // Pivot masses are fp32 sums, so top-p asks for a margin that covers their rounding.
-      if constexpr (kPivots > 0) {
+      if constexpr (kPivots > 0) if (count_pivots) {
 #pragma unroll
         for (int q = 0; q < kPivots; ++q) {
           int count = 0;
@@ -499,11 +633,10 @@ struct Sampler {
           float best_key = __int_as_float(0x7f800000), best_p = 0.f;
           int best = kNone;
           philox.counter.z = 2u * round + 1u + 256u * static_cast<unsigned>(warp);
-          for (int v = chunk_id % kThreads + lane * kThreads; v < vecs; v += 32 * kThreads) {
-            Vec<T, kVec> x;
-            x.load(src + v * kVec);
-            int group = -1;
-            uint4 bits;
+          const T* chunk_src = kResident ? src.local : src.global;
+          int group = -1;
+          uint4 bits;
+          auto race = [&](int v, const Vec<T, kVec>& x) {
 #pragma unroll
             for (int j = 0; j < kVec; ++j) {
               const int i = (first_vec + v) * kVec + j;
@@ -518,6 +651,22 @@ struct Sampler {
                 if (key < best_key || (key == best_key && i < best)) { best_key = key; best = i; best_p = p; }
               }
             }
+          };
+          // Two loads in flight: a chunk is a few strided vectors, so this is latency.
+          // (Top-k first keeps one: its registers are full.)
+          constexpr int kStride = 32 * kThreads;
+          int v = chunk_id % kThreads + lane * kThreads;
+          for (; !kTopKFirst && v + kStride < vecs; v += 2 * kStride) {
+            Vec<T, kVec> x0, x1;
+            x0.load(chunk_src + v * kVec);
+            x1.load(chunk_src + (v + kStride) * kVec);
+            race(v, x0);
+            race(v + kStride, x1);
+          }
+          for (; v < vecs; v += kStride) {
+            Vec<T, kVec> x;
+            x.load(chunk_src + v * kVec);
+            race(v, x);
           }
 #pragma unroll
           for (int o = 16; o > 0; o /= 2) {
@@ -535,7 +684,7 @@ struct Sampler {
       for (int d = 0; d < kDraws; ++d) {
         const Candidate c = shared.candidate[d];
         candidate[d] = c.token == kNone ? -1 : c.token;  // kNone cannot happen: the chunk had mass
-        candidate_p[d] = c.p;
+        candidate_p[d] = c.token == kNone ? __int_as_float(0x7f800000) : c.p;
       }
       if constexpr (kFilter == Filter::none) result = candidate[0];
       if constexpr (kFilter == Filter::min_p) {
@@ -546,7 +695,10 @@ struct Sampler {
       if constexpr (kPivots > 0) {
 #pragma unroll
         for (int d = 0; d < kDraws; ++d)
-          if (candidate_p[d] <= lo) candidate[d] = -1;  // already known to be outside S
+          if (candidate_p[d] <= lo) {  // already known to be outside S
+            candidate[d] = -1;
+            candidate_p[d] = __int_as_float(0x7f800000);
+          }
         // Next pivots, ascending: geometric between the floor of the search and the row maximum.
         const float base = fmaxf(lo, row_max * 5.9604645e-8f);  // 2^-24 of the maximum
 #pragma unroll
