@@ -1,6 +1,7 @@
 // Sorting-free sampling: a few passes over each row. A row lives in shared memory,
 // split over a cluster of up to 8 blocks, so only its first pass reads global
-// memory; rows too long for that are streamed from global memory by one block.
+// memory; in large batches one block streams each row from global memory (through a
+// ring of shared-memory stages when the row is read more than once).
 //
 // Every filter kjit supports keeps an upper set of the row, S = {i : p_i >= t},
 // so a sample from p restricted to S can be drawn by rejection without sorting:
