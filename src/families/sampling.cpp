@@ -260,9 +260,9 @@ class SamplingFamily final : public Family {
       nlohmann::json forms = nlohmann::json::array();
       // Streamed rows of 16-byte vectors that are read more than once go through a ring of
       // twelve stages of two vectors per thread (Sampler::kRingBytes): a pass does not copy
-      // again what the last one left there. Measured at 128 x 128256 fp32: top-p 76 -> 72 us,
-      // min-p 55 -> 48, top-k first 158 -> 115; but the one-pass draw (35 -> 38) and top-k
-      // (98 -> 108) stream faster into registers.
+      // again what the last one left there. Measured at 128 x 128256 fp32, register loads
+      // against the ring: top-p 76 vs 72 us, min-p 55 vs 48, top-k first 158 vs 115; but the
+      // one-pass draw (35 vs 38) and top-k (98 vs 108) stream faster into registers.
       const bool multi_pass = filter != "none" || logits;
       const int ring_stages = vector_bytes == 16 && multi_pass && filter != "top_k" ? 12 : 0;
       const std::int64_t ring = ring_stages * threads * 2 * 16;
