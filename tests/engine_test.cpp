@@ -57,6 +57,7 @@ TEST_CASE("launch checks arguments against the signature before touching the GPU
   DLTensor x = tensor(rows, kjit::DType::bfloat16), r = tensor(rows, kjit::DType::bfloat16),
            w = tensor(weight_shape, kjit::DType::bfloat16), y = tensor(rows, kjit::DType::bfloat16);
   const void* p = reinterpret_cast<void*>(0x1000);
+  std::string why_not;
 
   CHECK_THROWS_WITH(k.launch({p, p, p}), "kjit_fused_add_rmsnorm: expects 6 arguments, got 3");
   CHECK_THROWS_WITH(k.launch({p, p, p, p, 1.5, 1e-6}), "kjit_fused_add_rmsnorm: argument 4 (batch_size) expects an integer");
@@ -82,13 +83,24 @@ TEST_CASE("launch checks arguments against the signature before touching the GPU
   transposed.strides = strides.data();
   CHECK_THROWS_WITH(k.launch({transposed, r, w, y, 3, 1e-6}), Contains("argument 0 (input) must be contiguous"));
 
+  // An address the kernel's 16-byte vectors cannot use, given as a pointer or through a
+  // DLTensor's byte offset (a slice of a larger tensor).
+  const void* odd = reinterpret_cast<void*>(0x1002);
+  CHECK_THROWS_WITH(k.launch({odd, p, p, p, 3, 1e-6}),
+                    "kjit_fused_add_rmsnorm: argument 0 (input) at address 0x1002 must be 16-byte aligned");
+  DLTensor shifted = y;
+  shifted.byte_offset = 8;
+  CHECK_THROWS_WITH(k.launch({x, r, w, shifted, 3, 1e-6}), Contains("argument 3 (output) at address 0x1008 must be 16-byte aligned"));
+  shifted.byte_offset = 32;
+  if (!kjit::runtime::driver_available(&why_not))
+    CHECK_THROWS_AS(k.launch({x, r, w, shifted, 3, 1e-6}), kjit::UnavailableError);  // aligned: reaches the driver
+
   // Zero rows: nothing to launch, so no GPU is needed and nothing fails.
   std::vector<std::int64_t> empty{0, 4096};
   DLTensor e = tensor(empty, kjit::DType::bfloat16);
   CHECK_NOTHROW(k.launch({e, e, w, e, 0, 1e-6}));
   // Valid arguments reach the driver, which is absent here.
-  std::string why;
-  if (!kjit::runtime::driver_available(&why)) CHECK_THROWS_AS(k.launch({x, r, w, y, 3, 1e-6}), kjit::UnavailableError);
+  if (!kjit::runtime::driver_available(&why_not)) CHECK_THROWS_AS(k.launch({x, r, w, y, 3, 1e-6}), kjit::UnavailableError);
   CHECK_THROWS_AS(kjit::Kernel().launch({}), kjit::ArgumentError);
 }
 

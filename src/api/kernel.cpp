@@ -1,3 +1,6 @@
+#include <algorithm>
+#include <cstdint>
+
 #include <fmt/format.h>
 
 #include "api/kernel_state.hpp"
@@ -16,6 +19,7 @@ KernelState::KernelState(KernelInfo i, std::string c, std::vector<families::Laun
     if (rule.entry.empty()) rule.entry = info.entry;
   for (const Param& p : info.params) {
     ParamCheck c{p.kind, p.dtype, p.min, p.max, p.min_exclusive};
+    if (p.kind == Param::Kind::tensor) c.alignment = std::max<std::uintptr_t>(p.alignment, dtype_size(p.dtype));
     c.rank = static_cast<int>(p.shape.size());
     if (c.rank > kMaxRank) throw Error(ErrorCode::internal, fmt::format("{}: rank of {} too high", info.entry, p.name));
     for (int d = 0; d < c.rank; ++d) {
@@ -120,6 +124,10 @@ void Kernel::launch(std::span<const Arg> args, void* stream) const {
         } else {
           detail::argument_error(s.info, i, "expects a device pointer or a DLTensor");
         }
+        // A misaligned address would fault in the kernel's vector accesses (or, for an
+        // element type, read torn values): say so here instead.
+        if (reinterpret_cast<std::uintptr_t>(values[i].pointer) % c.alignment != 0)
+          detail::argument_error(s.info, i, fmt::format("at address {} must be {}-byte aligned", values[i].pointer, c.alignment));
         break;
       case Param::Kind::integer:
         if (a.kind() != Arg::Kind::integer) detail::argument_error(s.info, i, "expects an integer");

@@ -32,6 +32,7 @@ struct ParamCheck {
   DType dtype;
   double min, max;
   bool min_exclusive;
+  std::uintptr_t alignment = 1;  // tensors: the address must be a multiple of it
   int rank = 0;
   DimCheck dims[kMaxRank];
 };

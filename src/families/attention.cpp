@@ -58,14 +58,15 @@ std::vector<std::string> page_shape(const std::string& layout, std::int64_t page
   return shape;
 }
 
-// The paged cache's tensors: k_cache and v_cache, or one combined kv_cache.
+// The paged cache's tensors: k_cache and v_cache, or one combined kv_cache, which the
+// kernel moves in pieces of `piece` bytes.
 void push_cache_params(std::vector<Param>& p, DType dtype, const std::string& layout, std::int64_t page_size,
-                       std::int64_t kv_heads, std::int64_t head_dim, bool combined, Param::Access access) {
+                       std::int64_t kv_heads, std::int64_t head_dim, bool combined, Param::Access access, int piece) {
   if (combined) {
-    p.push_back(tensor_param("kv_cache", dtype, page_shape(layout, page_size, kv_heads, head_dim, true), access));
+    p.push_back(vector_param("kv_cache", dtype, page_shape(layout, page_size, kv_heads, head_dim, true), piece, access));
   } else {
-    p.push_back(tensor_param("k_cache", dtype, page_shape(layout, page_size, kv_heads, head_dim), access));
-    p.push_back(tensor_param("v_cache", dtype, page_shape(layout, page_size, kv_heads, head_dim), access));
+    p.push_back(vector_param("k_cache", dtype, page_shape(layout, page_size, kv_heads, head_dim), piece, access));
+    p.push_back(vector_param("v_cache", dtype, page_shape(layout, page_size, kv_heads, head_dim), piece, access));
   }
 }
 
@@ -193,12 +194,12 @@ class AttentionFamily final : public Family {
     plan.entry = "kjit_batch_prefill";
     const std::string hq = std::to_string(qo_heads), hk = std::to_string(kv_heads), d = std::to_string(head_dim);
     auto& p = plan.params;
-    p.push_back(tensor_param("q", dtype, {"total_q", hq, d}));
+    p.push_back(vector_param("q", dtype, {"total_q", hq, d}, 16));
     if (paged) {
-      push_cache_params(p, dtype, layout, page_size, kv_heads, head_dim, combined, Param::Access::read);
+      push_cache_params(p, dtype, layout, page_size, kv_heads, head_dim, combined, Param::Access::read, 16);
     } else {
-      p.push_back(tensor_param("k", dtype, {"total_kv", hk, d}));
-      p.push_back(tensor_param("v", dtype, {"total_kv", hk, d}));
+      p.push_back(vector_param("k", dtype, {"total_kv", hk, d}, 16));
+      p.push_back(vector_param("v", dtype, {"total_kv", hk, d}, 16));
     }
     p.push_back(tensor_param("qo_indptr", DType::int32, {"batch_size_plus_one"}));
     p.push_back(tensor_param("kv_indptr", DType::int32, {"batch_size_plus_one"}));
@@ -206,7 +207,7 @@ class AttentionFamily final : public Family {
       p.push_back(tensor_param("kv_indices", DType::int32, {"num_kv_indices"}));
       p.push_back(tensor_param("kv_last_page_len", DType::int32, {"batch_size"}));
     }
-    p.push_back(tensor_param("output", dtype, {"total_q", hq, d}, Param::Access::write));
+    p.push_back(vector_param("output", dtype, {"total_q", hq, d}, 4, Param::Access::write));  // pairs
     if (return_lse) p.push_back(tensor_param("lse", DType::float32, {"total_q", hq}, Param::Access::write));
     p.push_back(integer_param("batch_size", 0, 65535));
     p.push_back(integer_param("max_qo_len", 0, std::numeric_limits<std::int32_t>::max()));  // the longest request's queries
@@ -265,15 +266,20 @@ class AttentionFamily final : public Family {
 
     const std::string hq = std::to_string(qo_heads), d = std::to_string(head_dim);
     auto& p = plan.params;
-    p.push_back(tensor_param("q", dtype, {"batch_size", hq, d}));
-    push_cache_params(p, kv_dtype, layout, page_size, kv_heads, head_dim, combined, Param::Access::read);
+    p.push_back(vector_param("q", dtype, {"batch_size", hq, d}, 16));
+    // 8 elements per thread per token: 16 bytes, 8 of fp8.
+    push_cache_params(p, kv_dtype, layout, page_size, kv_heads, head_dim, combined, Param::Access::read,
+                      8 * static_cast<int>(dtype_size(kv_dtype)));
     p.push_back(tensor_param("kv_indptr", DType::int32, {"batch_size_plus_one"}));
     p.push_back(tensor_param("kv_indices", DType::int32, {"num_kv_indices"}));
     p.push_back(tensor_param("kv_last_page_len", DType::int32, {"batch_size"}));
-    p.push_back(tensor_param("output", dtype, {"batch_size", hq, d}, Param::Access::write));
+    // A split's merge_states (float states -> dtype) moves rows in vectors of
+    // max(4, head_dim / 32) elements (plan_merge).
+    const int merge_vector_bytes = static_cast<int>(std::max<std::int64_t>(4, head_dim / 32) * dtype_size(dtype));
+    p.push_back(vector_param("output", dtype, {"batch_size", hq, d}, merge_vector_bytes, Param::Access::write));
     if (return_lse) p.push_back(tensor_param("lse", DType::float32, {"batch_size", hq}, Param::Access::write));
     // Workspace for split KV, [batch, chunk, head(, dim)]; unused (may be null) with one chunk.
-    p.push_back(tensor_param("partial_output", DType::float32, {"batch_size", "num_chunks", hq, d}, Param::Access::write));
+    p.push_back(vector_param("partial_output", DType::float32, {"batch_size", "num_chunks", hq, d}, 16, Param::Access::write));
     p.push_back(tensor_param("partial_lse", DType::float32, {"batch_size", "num_chunks", hq}, Param::Access::write));
     p.push_back(integer_param("batch_size", 0, 65535));
     p.push_back(integer_param("num_chunks", 1, 65535));
@@ -320,11 +326,11 @@ class AttentionFamily final : public Family {
     plan.entry = "kjit_append_paged_kv_cache";
     const std::string hk = std::to_string(kv_heads), d = std::to_string(head_dim);
     auto& p = plan.params;
-    p.push_back(tensor_param("append_key", dtype, {"nnz", hk, d}));
-    p.push_back(tensor_param("append_value", dtype, {"nnz", hk, d}));
+    p.push_back(vector_param("append_key", dtype, {"nnz", hk, d}, 16));
+    p.push_back(vector_param("append_value", dtype, {"nnz", hk, d}, 16));
     p.push_back(tensor_param("batch_indices", DType::int32, {"nnz"}));
     p.push_back(tensor_param("positions", DType::int32, {"nnz"}));
-    push_cache_params(p, dtype, layout, page_size, kv_heads, head_dim, combined, Param::Access::read_write);
+    push_cache_params(p, dtype, layout, page_size, kv_heads, head_dim, combined, Param::Access::read_write, 16);
     p.push_back(tensor_param("kv_indices", DType::int32, {"num_kv_indices"}));
     p.push_back(tensor_param("kv_indptr", DType::int32, {"batch_size_plus_one"}));
     p.push_back(tensor_param("kv_last_page_len", DType::int32, {"batch_size"}));
@@ -364,17 +370,18 @@ class AttentionFamily final : public Family {
     plan.template_name = "merge_states.cu.j2";
     plan.entry = fmt::format("kjit_{}", s.op);
     const std::string h = std::to_string(heads), d = std::to_string(head_dim);
+    const int in_bytes = static_cast<int>(vec * dtype_size(dtype)), out_bytes = static_cast<int>(vec * dtype_size(out_dtype));
     auto& p = plan.params;
     if (s.op == "merge_state") {
-      p.push_back(tensor_param("v_a", dtype, {"seq_len", h, d}));
+      p.push_back(vector_param("v_a", dtype, {"seq_len", h, d}, in_bytes));
       p.push_back(tensor_param("s_a", DType::float32, {"seq_len", h}));
-      p.push_back(tensor_param("v_b", dtype, {"seq_len", h, d}));
+      p.push_back(vector_param("v_b", dtype, {"seq_len", h, d}, in_bytes));
       p.push_back(tensor_param("s_b", DType::float32, {"seq_len", h}));
     } else {
-      p.push_back(tensor_param("v", dtype, {"seq_len", "num_states", h, d}));
+      p.push_back(vector_param("v", dtype, {"seq_len", "num_states", h, d}, in_bytes));
       p.push_back(tensor_param("s", DType::float32, {"seq_len", "num_states", h}));
     }
-    p.push_back(tensor_param("v_merged", out_dtype, {"seq_len", h, d}, Param::Access::write));
+    p.push_back(vector_param("v_merged", out_dtype, {"seq_len", h, d}, out_bytes, Param::Access::write));
     p.push_back(tensor_param("s_merged", DType::float32, {"seq_len", h}, Param::Access::write));
     p.push_back(integer_param("seq_len"));
     if (s.op == "merge_states") p.push_back(integer_param("num_states", 0, std::numeric_limits<std::int32_t>::max()));

@@ -12,6 +12,12 @@ nlohmann::json Family::spec_from_definition(const spec::Definition& d) const {
 Param tensor_param(std::string name, DType dtype, std::vector<std::string> shape, Param::Access access) {
   return Param{std::move(name), Param::Kind::tensor, dtype, std::move(shape), access};
 }
+Param vector_param(std::string name, DType dtype, std::vector<std::string> shape, int vector_bytes,
+                   Param::Access access) {
+  Param p = tensor_param(std::move(name), dtype, std::move(shape), access);
+  p.alignment = static_cast<std::uint32_t>(vector_bytes);
+  return p;
+}
 Param integer_param(std::string name, double min, double max) {
   Param p{std::move(name), Param::Kind::integer, DType::int64, {}};
   p.min = min;

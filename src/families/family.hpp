@@ -63,6 +63,10 @@ class Family {
 // Helpers for declaring signatures.
 Param tensor_param(std::string name, DType dtype, std::vector<std::string> shape,
                    Param::Access access = Param::Access::read);
+// A tensor the kernel moves in vectors of vector_bytes (16-byte loads, cp.async): its
+// address must be a multiple of vector_bytes, which every launch checks.
+Param vector_param(std::string name, DType dtype, std::vector<std::string> shape, int vector_bytes,
+                   Param::Access access = Param::Access::read);
 Param integer_param(std::string name, double min = 0, double max = std::numeric_limits<double>::infinity());
 Param real_param(std::string name, double min = -std::numeric_limits<double>::infinity(),
                  double max = std::numeric_limits<double>::infinity(), bool min_exclusive = false);

@@ -104,14 +104,15 @@ class NormalizationFamily final : public Family {
 
     const std::string h = std::to_string(hidden);
     auto& p = plan.params;
-    p.push_back(tensor_param("input", dtype, {"batch_size", h}));
-    if (variant->fused_add) p.push_back(tensor_param("residual", dtype, {"batch_size", h}, Param::Access::read_write));
-    p.push_back(tensor_param("weight", dtype, {h}));
+    const int vector_bytes = vec * static_cast<int>(dtype_size(dtype));  // every row moves in vectors of vec elements
+    p.push_back(vector_param("input", dtype, {"batch_size", h}, vector_bytes));
+    if (variant->fused_add) p.push_back(vector_param("residual", dtype, {"batch_size", h}, vector_bytes, Param::Access::read_write));
+    p.push_back(vector_param("weight", dtype, {h}, vector_bytes));
     if (variant->quant_fp8) {
-      p.push_back(tensor_param("output", DType::float8_e4m3, {"batch_size", h}, Param::Access::write));
+      p.push_back(vector_param("output", DType::float8_e4m3, {"batch_size", h}, vec, Param::Access::write));
       p.push_back(tensor_param("scale", DType::float32, {"batch_size"}, Param::Access::write));
     } else {
-      p.push_back(tensor_param("output", dtype, {"batch_size", h}, Param::Access::write));
+      p.push_back(vector_param("output", dtype, {"batch_size", h}, vector_bytes, Param::Access::write));
     }
     p.push_back(integer_param("batch_size"));
     p.push_back(real_param("eps", 0.0));

@@ -188,12 +188,13 @@ class SamplingFamily final : public Family {
     const std::string v = std::to_string(vocab);
     const bool logits = variant->op.ends_with("_from_logits");
     auto& p = plan.params;
+    const int row_vector_bytes = static_cast<int>(vector_bytes);  // rows are read (and written) in vectors
     if (variant->renorm) {
       const bool logits = variant->filter == "top_k_logits";
-      p.push_back(tensor_param(logits ? "logits" : "probs", dtype, {"batch_size", v}));
-      p.push_back(tensor_param("output", dtype, {"batch_size", v}, Param::Access::write));
+      p.push_back(vector_param(logits ? "logits" : "probs", dtype, {"batch_size", v}, row_vector_bytes));
+      p.push_back(vector_param("output", dtype, {"batch_size", v}, row_vector_bytes, Param::Access::write));
     } else {
-      p.push_back(tensor_param(logits ? "logits" : "probs", dtype, {"batch_size", v}));
+      p.push_back(vector_param(logits ? "logits" : "probs", dtype, {"batch_size", v}, row_vector_bytes));
       p.push_back(tensor_param("samples", DType::int32, {"batch_size"}, Param::Access::write));
     }
     nlohmann::json entry_params = nlohmann::json::array();
