@@ -273,6 +273,7 @@ void run_decode_case(const DecodeCase& c, const std::vector<std::int64_t>& lengt
   kjit::DecodePlan split{batch, forced_chunks, (longest + forced_chunks - 1) / forced_chunks, 0};
   split.workspace_bytes = static_cast<std::size_t>(batch * forced_chunks * c.qo_heads * (c.head_dim + 1) + batch * c.qo_heads) * 4 + 768;
   DeviceMemory split_workspace(split.workspace_bytes);
+  split_workspace.fill(0x35);  // any contents
   d.poison();
   decode.run(split, {d.q.get(), d.k.get(), v_cache, static_cast<const std::int32_t*>(d.indptr.get()),
                      static_cast<const std::int32_t*>(d.indices.get()), static_cast<const std::int32_t*>(d.last.get()),

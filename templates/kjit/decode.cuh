@@ -131,54 +131,58 @@ struct BatchDecode {
       copy_step(step + kStages - 1);  // into the stage the previous step has finished reading
       mma::copy_wait<kStages - 1>();
       const int t0 = start + step * kTile;
-      // 16-bit K/V are widened where used; fp8 here, a pair per cvt, once for all heads.
-      constexpr bool kWidenEarly = sizeof(TKV) == 1;
+      // Every K and V piece of the step is read from shared memory first (the loads overlap),
+      // then each token's K and V are widened once for all heads (a pair per cvt for fp8):
+      // widened per head they took 15% of the instructions (batch 1 x 32768: 34.7 M -> 29.5 M).
       Vec<TKV, kVec> kx[kUnroll], vx[kUnroll];
-      float kf[kWidenEarly ? kUnroll : 1][kVec], vf[kWidenEarly ? kUnroll : 1][kVec];
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         kx[u] = *piece(step % kStages, u, 0);  // zero-filled past the end
         vx[u] = *piece(step % kStages, u, 1);
-        if constexpr (kWidenEarly) {
-          to_floats(kx[u], kf[u]);
-          to_floats(vx[u], vf[u]);
-        }
       }
-      auto k_at = [&](int u, int i) { if constexpr (kWidenEarly) return kf[u][i]; else return to_float(kx[u][i]); };
-      auto v_at = [&](int u, int i) { if constexpr (kWidenEarly) return vf[u][i]; else return to_float(vx[u][i]); };
       float s[kUnroll][kHeads];
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
+        float kf[kVec];
+        to_floats(kx[u], kf);
         const bool valid = t0 + u * kSlots + slot < end;
 #pragma unroll
         for (int h = 0; h < kHeads; ++h) {
           float dot = 0.f;
 #pragma unroll
-          for (int i = 0; i < kVec; ++i) dot = fmaf(qr[h][i], k_at(u, i), dot);
+          for (int i = 0; i < kVec; ++i) dot = fmaf(qr[h][i], kf[i], dot);
           dot = lane_group_sum(dot);
           if constexpr (kSoftCap) dot = soft_cap * kLog2e * tanhf(dot);
           s[u][h] = valid ? dot : -__int_as_float(0x7f800000);
         }
       }
+      // Online softmax; s becomes p = 2^(s - m), 0 for masked tokens.
 #pragma unroll
       for (int h = 0; h < kHeads; ++h) {
         float tile_max = s[0][h];
 #pragma unroll
         for (int u = 1; u < kUnroll; ++u) tile_max = fmaxf(tile_max, s[u][h]);
         const float m_new = fmaxf(m[h], tile_max);
-        if (m_new == -__int_as_float(0x7f800000)) continue;  // no token of this slot yet
-        const float rescale = exp2f(m[h] - m_new);            // 0 while m is -inf
+        const float m_finite = m_new == -__int_as_float(0x7f800000) ? 0.f : m_new;  // no token yet: every p is 0
+        const float rescale = exp2f(m[h] - m_finite);                                 // 0 while m is -inf
         l[h] *= rescale;
 #pragma unroll
         for (int i = 0; i < kVec; ++i) acc[h][i] *= rescale;
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
-          const float p = exp2f(s[u][h] - m_new);
-          l[h] += p;
-#pragma unroll
-          for (int i = 0; i < kVec; ++i) acc[h][i] = fmaf(p, v_at(u, i), acc[h][i]);
+          s[u][h] = exp2f(s[u][h] - m_finite);
+          l[h] += s[u][h];
         }
         m[h] = m_new;
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        float vf[kVec];
+        to_floats(vx[u], vf);
+#pragma unroll
+        for (int h = 0; h < kHeads; ++h)
+#pragma unroll
+          for (int i = 0; i < kVec; ++i) acc[h][i] = fmaf(s[u][h], vf[i], acc[h][i]);
       }
     }
 
