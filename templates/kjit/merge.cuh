@@ -40,36 +40,44 @@ struct MergeStates {
   };
 
   // States first, first + step, ... (< count) of a row; called by the kLanes threads of a lane group.
+  // One pass, kBatch states at a time: every lse and value load of a batch is issued before
+  // any is used, and the running maximum moves with the batches (a split decode merges tens
+  // of states per row, and each round trip is a memory latency). An empty state (lse -inf)
+  // weighs nothing; its values are loaded but never used, not even multiplied by 0.
   template <typename States>
   static __device__ __forceinline__ Partial accumulate(const States& states, int first, int step, int count, int lane) {
+    constexpr int kBatch = 8;
     Partial p;
     p.m = -__int_as_float(0x7f800000);
     p.weight_sum = 0.f;
 #pragma unroll
     for (int j = 0; j < kVec; ++j) p.acc[j] = 0.f;
-#pragma unroll 8
-    for (int i = first; i < count; i += step) p.m = fmaxf(p.m, states.lse(i));
-    if (p.m == -__int_as_float(0x7f800000)) return p;
-    // kBatch states at a time, every load of the batch issued first, values with their lse
-    // rather than after it: a split decode merges up to hundreds of states per row, and
-    // each round trip is a memory latency. An empty state's values are loaded but never used.
-    constexpr int kBatch = 4;
     for (int base = first; base < count; base += kBatch * step) {
-      float w[kBatch];
+      float s[kBatch];
       Vec<TIn, kVec> x[kBatch];
 #pragma unroll
       for (int k = 0; k < kBatch; ++k) {
         const int i = min(base + k * step, count - 1);
-        w[k] = base + k * step < count ? exp2f(states.lse(i) - p.m) : 0.f;
+        s[k] = base + k * step < count ? states.lse(i) : -__int_as_float(0x7f800000);
         x[k].load(states.values(i) + lane * kVec);
       }
+      float m = p.m;
+#pragma unroll
+      for (int k = 0; k < kBatch; ++k) m = fmaxf(m, s[k]);
+      if (m == -__int_as_float(0x7f800000)) continue;  // only empty states so far
+      const float rescale = exp2f(p.m - m);               // 0 while p.m is -inf
+      p.weight_sum *= rescale;
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) p.acc[j] *= rescale;
 #pragma unroll
       for (int k = 0; k < kBatch; ++k) {
-        if (w[k] == 0.f) continue;
-        p.weight_sum += w[k];
+        const float w = exp2f(s[k] - m);
+        if (w == 0.f) continue;  // an empty state (or one too small to count): its values may be garbage
+        p.weight_sum += w;
 #pragma unroll
-        for (int j = 0; j < kVec; ++j) p.acc[j] = fmaf(w[k], to_float(x[k][j]), p.acc[j]);
+        for (int j = 0; j < kVec; ++j) p.acc[j] = fmaf(w, to_float(x[k][j]), p.acc[j]);
       }
+      p.m = m;
     }
     return p;
   }
