@@ -123,7 +123,7 @@ TEST_CASE("decode plans split long KV only where the batch leaves the GPU idle",
     return p.num_chunks;
   };
   CHECK(chunks(64, 4096, 8) == 3);     // 512 blocks would be 1.3 waves of 396
-  CHECK(chunks(1, 32768, 8) == 45);    // one request: 360 blocks of ~730 tokens
+  CHECK(chunks(1, 32768, 8) == 49);    // one request: 392 blocks of ~670 tokens, one wave
   CHECK(chunks(256, 1024, 8) == 2);
   CHECK(chunks(1, 300, 8) == 1);       // too short to split
   CHECK(chunks(396, 4096, 1) == 1);    // exactly one full wave
@@ -136,14 +136,16 @@ TEST_CASE("decode plans split long KV only where the batch leaves the GPU idle",
   };
   CHECK(chunks4(64, 4096) == 1);
   CHECK(chunks4(256, 1024) == 1);
-  CHECK(chunks4(1, 32768) == 60);  // the fewest chunks with the last wave >= 90% full (480 of 528)
+  CHECK(chunks4(1, 32768) == 66);  // the most chunks that fit one wave (528 of 528)
 
   // Two blocks per SM (what BatchDecode aims to fill with 16-bit KV): 264 slots.
   auto chunks2 = [](std::int64_t batch, std::int64_t len) {
     std::vector<std::int64_t> lengths(static_cast<std::size_t>(batch), len);
     return kjit::plan_decode_split(lengths, 8, 32, 128, 132, 2).num_chunks;
   };
-  CHECK(chunks2(1, 32768) == 30);  // 240 of 264 slots
+  CHECK(chunks2(1, 32768) == 33);  // 264 of 264 slots
+  CHECK(chunks2(7, 32768) == 9);   // one wave would be 224 of 264 (85%): two waves of 252, 95%
+  CHECK(chunks2(3, 100000) == 11); // 264 of 264
   CHECK(chunks2(8, 8192) == 4);    // 256 blocks
   CHECK(chunks2(32, 4096) == 1);
   CHECK(chunks2(64, 4096) == 1);   // 512 blocks: two waves, 97% full

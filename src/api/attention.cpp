@@ -66,9 +66,17 @@ DecodePlan plan_decode_split(std::span<const std::int64_t> kv_lengths, std::int6
     const double waves = static_cast<double>(batch * blocks_per_request * c) / slots;
     return waves / std::ceil(waves);
   };
-  // The fewest chunks whose last wave is at least 90% full, else the fullest.
-  std::int64_t best = 1;
   const std::int64_t most = std::min<std::int64_t>(std::max<std::int64_t>(longest / 256, 1), 1024);
+  // A batch that leaves slots idle: the most chunks that still fit one wave, when that wave
+  // is at least 90% full (every block then runs from start to end; batch 1 x 32768 on the
+  // H100: 33 chunks, 264 blocks of 264 slots, 62.5-63.0 us against 64.2-66.8 in 30).
+  const auto per_chunk = static_cast<double>(batch * blocks_per_request);
+  if (batch > 0 && per_chunk < slots) {
+    const auto one_wave = std::min(static_cast<std::int64_t>(slots / per_chunk), most);
+    if (one_wave > 1 && fullness(one_wave) >= 0.9) return split_plan(kv_lengths, one_wave, num_qo_heads, head_dim);
+  }
+  // Otherwise the fewest chunks whose last wave is at least 90% full, else the fullest.
+  std::int64_t best = 1;
   for (std::int64_t c = 2; batch > 0 && fullness(best) < 0.9 && c <= most; ++c)
     if (fullness(c) > fullness(best)) best = c;
   return split_plan(kv_lengths, best, num_qo_heads, head_dim);
