@@ -31,6 +31,8 @@
 // tokens renormalized: a first phase finds the k-th largest value t exactly (radix
 // select, 8 bits a pass), then draws are restricted to {p >= t} and top-p's mass test
 // is against the mass of that set instead of the row's.
+// Passes sum in fp32; a top-p test whose sums lie within their rounding error of the
+// boundary is repeated on fp64 sums in the next pass, so the set is still exact.
 // Sets are tie-inclusive: tokens equal to the boundary value are all in S.
 // NaN and negative probabilities count as 0; a row with no positive entry, or one
 // that has not converged after kMaxRounds, yields its largest entry.
@@ -69,6 +71,10 @@ struct Constant {
   static constexpr bool value = kValue;
 };
 
+// What a pass sums in: fp32, or fp64 for a pass that repeats an undecided test.
+template <bool kExact> struct SumType { using type = float; };
+template <> struct SumType<true> { using type = double; };
+
 // kBlocksPerRow: 0 streams each row from global memory with one block; 1..8 keeps
 // the row in shared memory, split into that many slices, one per block of a cluster.
 // kRingStages: a streamed row of 16-byte vectors goes through a ring of that many
@@ -96,6 +102,15 @@ struct Sampler {
   static constexpr int kSliceBytes = kResident ? (kVecsPerBlock * kVec * static_cast<int>(sizeof(T)) + 15) / 16 * 16 : 0;
   static constexpr int kUnroll = 4;
   static constexpr int kGroup = kVec < 4 ? kVec : 4;  // elements a pass looks at together
+  // Passes sum in fp32 (fp64 adds and conversions took a third of a pass's issue time). A
+  // thread adds at most kSumTerms entries, so its sums of these non-negative terms are
+  // within kSumError of their value (relative). Tests closer than that to the boundary are
+  // repeated with fp64 sums in the next pass, so every decision stays exact.
+  // (16-bit logits sum in fp64 as before: those forms sit at the 128-register limit, and the
+  // retest's extra state made them spill.)
+  static constexpr bool kFastSums = !(kLogits && sizeof(T) == 2);
+  static constexpr int kSumTerms = (kVecsPerBlock + kThreads - 1) / kThreads * kVec;
+  static constexpr double kSumError = kSumTerms * 5.9604644775390625e-8 / (1.0 - kSumTerms * 5.9604644775390625e-8);
   // The ring is filled by the bulk copy engine: loads take no registers, and a pass
   // starts on what the ring still holds from the last one.
   static constexpr bool kRing = kRingStages > 0;
@@ -420,9 +435,12 @@ struct Sampler {
     float candidate_p[kDraws];  // +inf where no candidate is pending, so no entry lies above it
 #pragma unroll
     for (int d = 0; d < kDraws; ++d) { candidate[d] = -1; candidate_p[d] = __int_as_float(0x7f800000); }
-    double total = 0.0;
+    double total = 0.0;  // fp32-summed in round 0; fp64 after a retest pass
     float row_max = 0.f;
     int row_argmax = 0;
+    // The token, or -1: none yet; kRetest: the last pass could not decide a candidate, so
+    // the next one sums in fp64 and tests it again (kept in result: no register to spare).
+    constexpr int kRetest = -2;
     int result = -1;
     Pivots<kPivots> pivots;
     if constexpr (kPivots > 0) {
@@ -456,6 +474,7 @@ struct Sampler {
     if constexpr (kTopKFirst) floor = top_k_threshold(src, vecs, params.top_k, max_logit, scale_log2, shared);
 
     for (int round = 0; round <= kMaxRounds && result < 0; ++round) {
+      const bool exact = kFastSums && result == kRetest;
       Partial part;
 #pragma unroll
       for (int d = 0; d < kDraws; ++d) {
@@ -467,7 +486,7 @@ struct Sampler {
       part.total = 0.0;
       part.max = -1.f;
       part.argmax = kNone;
-      double chunk = 0.0;  // this thread's eligible mass
+      float chunk = 0.f;  // this thread's eligible mass (it only weighs the chunk in its race)
       float gate = __int_as_float(0x7f800000);  // the lowest pending candidate's probability
 #pragma unroll
       for (int d = 0; d < kDraws; ++d) gate = fminf(gate, candidate_p[d]);
@@ -475,7 +494,7 @@ struct Sampler {
       // candidates get rejected. A draw lies in the top-p set with probability at least
       // top_p, so with top-p alone and top_p >= 1/2 the first two rounds (which four
       // draws nearly always end) leave it out.
-      const bool count_pivots = kTopK || round >= 2 || params.top_p < 0.5f;
+      const bool count_pivots = !exact && (kTopK || round >= 2 || params.top_p < 0.5f);
       float pivot_gate = __int_as_float(0x7f800000);  // no element is above it
       if constexpr (kPivots > 0) {
 #pragma unroll
@@ -485,9 +504,14 @@ struct Sampler {
       // One pass. The common path per element is a compare and an add; the rarer work
       // (round 0's totals, counting above candidates and pivots) is gated per vector, so
       // the pass is not made of branches (it was: 40 instructions an element).
-      auto visit = [&](auto first_round) {
+      auto visit = [&](auto first_round, auto exact_sums) {
+        using Sum = typename SumType<decltype(exact_sums)::value || !kFastSums>::type;
+        constexpr bool kTotal = decltype(first_round)::value || decltype(exact_sums)::value;
+        Sum total_sum = 0, mass_sum[kDraws];
+#pragma unroll
+        for (int d = 0; d < kDraws; ++d) mass_sum[d] = 0;
         read_row(src, vecs, shared, [&](int v, const Vec<T, kVec>& x) {
-          float eligible = 0.f;  // this thread's eligible mass in fp32 per vector (it only weighs the chunk in its race)
+          float eligible = 0.f;
 #pragma unroll
           for (int g = 0; g < kVec; g += kGroup) {  // groups of four: 16-bit vectors of eight would spill
             float p[kGroup];
@@ -496,10 +520,12 @@ struct Sampler {
             float top = p[0];
 #pragma unroll
             for (int j = 1; j < kGroup; ++j) top = fmaxf(top, p[j]);
-            if constexpr (decltype(first_round)::value) {
+            if constexpr (kTotal) {
 #pragma unroll
               for (int j = 0; j < kGroup; ++j)
-                if (!kTopKFirst || p[j] >= floor) part.total += p[j];  // top-k first: the mass of the top-k set
+                if (!kTopKFirst || p[j] >= floor) total_sum += p[j];  // top-k first: the mass of the top-k set
+            }
+            if constexpr (decltype(first_round)::value) {
               const int first = (first_vec + v) * kVec + g;  // passes may run backwards: ties go to the lowest index
               if (top > part.max || (top == part.max && first < part.argmax)) {
                 int j = kGroup - 1;
@@ -518,41 +544,49 @@ struct Sampler {
                   for (int d = 0; d < kDraws; ++d)
                     if (p[j] > candidate_p[d]) {
                       ++part.count[d];
-                      part.mass[d] += p[j];
+                      mass_sum[d] += p[j];
                     }
               }
             }
+            if constexpr (!decltype(exact_sums)::value) {  // an fp64 pass only decides: no draws, no pivots
 #pragma unroll
-            for (int j = 0; j < kGroup; ++j) {
-              const bool in = kFilter == Filter::min_p || kTopKFirst ? p[j] > lo && p[j] >= floor : p[j] > lo;
-              eligible += in ? p[j] : 0.f;
+              for (int j = 0; j < kGroup; ++j) {
+                const bool in = kFilter == Filter::min_p || kTopKFirst ? p[j] > lo && p[j] >= floor : p[j] > lo;
+                eligible += in ? p[j] : 0.f;
+              }
             }
             if constexpr (kPivots > 0) {
-              if (top > pivot_gate) {  // pivots ascend: most of a long tail stops here
+              if constexpr (!decltype(exact_sums)::value) {
+                if (top > pivot_gate) {  // pivots ascend: most of a long tail stops here
 #pragma unroll
-                for (int j = 0; j < kGroup; ++j)
+                  for (int j = 0; j < kGroup; ++j)
 #pragma unroll
-                  for (int q = 0; q < kPivots; ++q)
-                    if (p[j] > pivots.value[q]) {
-                      if constexpr (kTopK) ++pivots.count[q];
-                      if constexpr (kTopP) pivots.mass[q] += p[j];
-                    }
+                    for (int q = 0; q < kPivots; ++q)
+                      if (p[j] > pivots.value[q]) {
+                        if constexpr (kTopK) ++pivots.count[q];
+                        if constexpr (kTopP) pivots.mass[q] += p[j];
+                      }
+                }
               }
             }
           }
           chunk += eligible;
         });
+        part.total = total_sum;
+#pragma unroll
+        for (int d = 0; d < kDraws; ++d) part.mass[d] = mass_sum[d];
       };
-      if (round == 0) visit(Constant<true>{});
-      else visit(Constant<false>{});
+      if (round == 0) visit(Constant<true>{}, Constant<false>{});
+      else if (!exact) visit(Constant<false>{}, Constant<false>{});
+      else visit(Constant<false>{}, Constant<true>{});
       // The chunk races: one Philox call gives every draw its exponential.
       philox.counter.x = first_chunk + threadIdx.x;
       philox.counter.z = 2u * round;
-      if (chunk > 0.0) {
+      if (chunk > 0.f) {
         const uint4 bits = philox();
 #pragma unroll
         for (int d = 0; d < kDraws; ++d) {
-          part.key[d] = static_cast<float>(random::exponential(pick(bits, d)) / chunk);
+          part.key[d] = random::exponential(pick(bits, d)) / chunk;
           part.index[d] = first_chunk + threadIdx.x;
         }
       }
@@ -588,26 +622,44 @@ struct Sampler {
 #pragma unroll
       for (int b = 1; b < kCluster; ++b) r = combine(r, shared.published[b].part);
       const float drawn_lo = lo, drawn_floor = floor;  // the eligibility the chunk sums were taken with
+      if (exact) total = r.total;
       if (round == 0) {
         total = r.total;
         row_max = r.max;
         row_argmax = r.max > 0.f ? r.argmax : 0;
         if constexpr (kFilter == Filter::min_p) floor = fminf(fmaxf(params.min_p, 0.f), 1.f) * row_max;
       }
+      // fp32 sums decide a top-p test only when they are further than their error from
+      // the boundary (both mass and total may be off by kSumError of the total).
+      const double margin = exact || !kFastSums ? 0.0 : 2.5 * kSumError * total;
+      bool unsure = false;
       if constexpr (kTested) {  // test the pending candidates, in draw order
 #pragma unroll
         for (int d = 0; d < kDraws; ++d) {
-          if (candidate[d] < 0 || result >= 0) continue;
+          if (candidate[d] < 0 || result >= 0 || unsure) continue;
           bool in_set = true;
           if constexpr (kTopK) in_set = in_set && r.count[d] < params.top_k;
-          if constexpr (kTopP) in_set = in_set && r.mass[d] < static_cast<double>(params.top_p) * total;
-          if (in_set) result = candidate[d];
-          else lo = fmaxf(lo, candidate_p[d]);
+          if constexpr (kTopP) {
+            const double limit = static_cast<double>(params.top_p) * total;
+            if (in_set && r.mass[d] >= limit + margin) in_set = false;
+            else if (kFastSums && in_set && !(r.mass[d] < limit - margin)) unsure = true;  // this one and the later ones wait
+          }
+          if (unsure) continue;
+          if (in_set) {
+            result = candidate[d];
+          } else {
+            lo = fmaxf(lo, candidate_p[d]);
+            candidate[d] = -1;
+            candidate_p[d] = __int_as_float(0x7f800000);
+          }
         }
         if (result >= 0) break;
       }
       // Pivots with k tokens, or top_p of the mass, strictly above them lie below the threshold.
-      // Pivot masses are fp32 sums, so top-p asks for a margin that covers their rounding.
+      // Pivot masses are fp32 sums, within and across threads (a few dozen more additions),
+      // and total may be one too, so top-p asks for a margin that covers their rounding.
+      constexpr double kPivotSumError = (kSumTerms + 64 + kCluster) * 5.9604644775390625e-8;
+      const double pivot_margin = 2.5 * (kPivotSumError > 4e-5 ? kPivotSumError : 4e-5) + (exact || !kFastSums ? 0.0 : 2.5 * kSumError);
       if constexpr (kPivots > 0) if (count_pivots) {
 #pragma unroll
         for (int q = 0; q < kPivots; ++q) {
@@ -618,14 +670,18 @@ struct Sampler {
           bool below = false;
           if constexpr (kTopK) below = below || count >= params.top_k;
           if constexpr (kTopP)
-            below = below || static_cast<double>(mass) >= static_cast<double>(params.top_p) * total * (1.0 + 1e-4);
+            below = below || static_cast<double>(mass) >= static_cast<double>(params.top_p) * total + pivot_margin * total;
           if (below) lo = fmaxf(lo, pivots.value[q]);
         }
       }
-      if (r.index[0] == kNone) { result = row_argmax; break; }  // nothing to draw from: no positive entry
+      // An undecided candidate waits, with the later ones, for a pass with fp64 sums; that
+      // pass only decides, and the pass after it draws again.
+      const bool draw = !unsure && !exact;
+      result = unsure ? kRetest : -1;
+      if (draw && r.index[0] == kNone) { result = row_argmax; break; }  // nothing to draw from: no positive entry
 
       // The element races inside the winning chunks: warp d of the chunk's block runs draw d.
-      if (warp < kDraws) {
+      if (draw && warp < kDraws) {
         int chunk_id = r.index[0];
 #pragma unroll
         for (int d = 1; d < kDraws; ++d)
@@ -681,6 +737,7 @@ struct Sampler {
         }
       }
       group_sync();  // candidates are in every block; the published sums have been read
+      if (!draw) continue;
 #pragma unroll
       for (int d = 0; d < kDraws; ++d) {
         const Candidate c = shared.candidate[d];
