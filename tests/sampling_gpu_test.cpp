@@ -205,7 +205,14 @@ TEST_CASE("samples never leave the filtered set (float64 reference)", "[gpu][sam
                          << " row " << r << " offset " << offset << " token " << t << " layout" << layout);
           REQUIRE(t >= 0);
           REQUIRE(t < vocab);
-          REQUIRE(sets[static_cast<std::size_t>(r)][static_cast<std::size_t>(t)]);
+          const auto& set = sets[static_cast<std::size_t>(r)];
+          if (std::find(set.begin(), set.end(), true) == set.end()) {
+            // No positive entry (a short row of zeros, negatives and NaNs, about one run in
+            // 25 for vocabulary 5): every entry counts as 0, and the first is the largest.
+            REQUIRE(t == 0);
+            continue;
+          }
+          REQUIRE(set[static_cast<std::size_t>(t)]);
         }
       }
     }
