@@ -106,9 +106,9 @@ struct Param {
   DType dtype = DType::float32;     // element type of a tensor
   std::vector<std::string> shape;   // tensors only
   Access access = Access::read;
-  // Tensors: the byte multiple the address must be (the kernel moves the tensor in vectors
-  // of this size); 0 means the element size. Checked at every launch.
-  std::uint32_t alignment = 0;
+  // Tensors: the byte multiple the address must be, at least the element size (more when
+  // the kernel moves the tensor in vectors). Checked at every launch.
+  std::uint32_t alignment = 1;
   // Numbers: the accepted range, checked at every launch (a NaN never passes).
   double min = -std::numeric_limits<double>::infinity();
   double max = std::numeric_limits<double>::infinity();

@@ -83,7 +83,7 @@ std::string info_json(const kjit::KernelInfo& i) {
       e["dtype"] = std::string(kjit::dtype_name(p.dtype));
       e["shape"] = p.shape;
       e["access"] = p.access == kjit::Param::Access::read ? "read" : p.access == kjit::Param::Access::write ? "write" : "read_write";
-      e["alignment"] = std::max<std::size_t>(p.alignment, kjit::dtype_size(p.dtype));
+      e["alignment"] = p.alignment;
     }
     params.push_back(e);
   }

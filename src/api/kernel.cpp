@@ -19,7 +19,7 @@ KernelState::KernelState(KernelInfo i, std::string c, std::vector<families::Laun
     if (rule.entry.empty()) rule.entry = info.entry;
   for (const Param& p : info.params) {
     ParamCheck c{p.kind, p.dtype, p.min, p.max, p.min_exclusive};
-    if (p.kind == Param::Kind::tensor) c.alignment = std::max<std::uintptr_t>(p.alignment, dtype_size(p.dtype));
+    if (p.kind == Param::Kind::tensor) c.alignment = std::max<std::uintptr_t>(p.alignment, 1);
     c.rank = static_cast<int>(p.shape.size());
     if (c.rank > kMaxRank) throw Error(ErrorCode::internal, fmt::format("{}: rank of {} too high", info.entry, p.name));
     for (int d = 0; d < c.rank; ++d) {

@@ -58,6 +58,13 @@ std::vector<std::string> page_shape(const std::string& layout, std::int64_t page
   return shape;
 }
 
+// merge_states' vector: a row's lane group is a power of two <= 32 threads, each moving
+// this many elements (at most 16 bytes of the wider dtype, more for rows over 512 elements).
+std::int64_t merge_vector(DType dtype, DType out_dtype, std::int64_t head_dim) {
+  const std::int64_t widest = std::max(dtype_size(dtype), dtype_size(out_dtype));
+  return std::max<std::int64_t>(16 / widest, (head_dim + 31) / 32);
+}
+
 // The paged cache's tensors: k_cache and v_cache, or one combined kv_cache, which the
 // kernel moves in pieces of `piece` bytes.
 void push_cache_params(std::vector<Param>& p, DType dtype, const std::string& layout, std::int64_t page_size,
@@ -273,9 +280,8 @@ class AttentionFamily final : public Family {
     p.push_back(tensor_param("kv_indptr", DType::int32, {"batch_size_plus_one"}));
     p.push_back(tensor_param("kv_indices", DType::int32, {"num_kv_indices"}));
     p.push_back(tensor_param("kv_last_page_len", DType::int32, {"batch_size"}));
-    // A split's merge_states (float states -> dtype) moves rows in vectors of
-    // max(4, head_dim / 32) elements (plan_merge).
-    const int merge_vector_bytes = static_cast<int>(std::max<std::int64_t>(4, head_dim / 32) * dtype_size(dtype));
+    // A split's merge_states (float states -> dtype) writes the output in its vectors.
+    const int merge_vector_bytes = static_cast<int>(merge_vector(DType::float32, dtype, head_dim) * dtype_size(dtype));
     p.push_back(vector_param("output", dtype, {"batch_size", hq, d}, merge_vector_bytes, Param::Access::write));
     if (return_lse) p.push_back(tensor_param("lse", DType::float32, {"batch_size", hq}, Param::Access::write));
     // Workspace for split KV, [batch, chunk, head(, dim)]; unused (may be null) with one chunk.
@@ -352,9 +358,7 @@ class AttentionFamily final : public Family {
     const std::int64_t head_dim = fields.integer("head_dim", 1, 1024);
     const DType dtype = fields.dtype("dtype", kStateDTypes);
     const DType out_dtype = fields.dtype("out_dtype", kStateDTypes, dtype);
-    // A row's lane group is a power of two <= 32 threads, each moving vec elements.
-    const std::int64_t widest = std::max(dtype_size(dtype), dtype_size(out_dtype));
-    const std::int64_t vec = std::max<std::int64_t>(16 / widest, (head_dim + 31) / 32);
+    const std::int64_t vec = merge_vector(dtype, out_dtype, head_dim);
     const std::int64_t lanes = head_dim / vec;
     if (head_dim % vec != 0 || (lanes & (lanes - 1)) != 0)
       fields.fail("head_dim", fmt::format("= {} is not supported: head_dim / {} must be a power of two", head_dim, vec));

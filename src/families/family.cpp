@@ -1,5 +1,7 @@
 #include "families/family.hpp"
 
+#include <algorithm>
+
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
@@ -10,12 +12,14 @@ nlohmann::json Family::spec_from_definition(const spec::Definition& d) const {
 }
 
 Param tensor_param(std::string name, DType dtype, std::vector<std::string> shape, Param::Access access) {
-  return Param{std::move(name), Param::Kind::tensor, dtype, std::move(shape), access};
+  Param p{std::move(name), Param::Kind::tensor, dtype, std::move(shape), access};
+  p.alignment = static_cast<std::uint32_t>(dtype_size(dtype));
+  return p;
 }
 Param vector_param(std::string name, DType dtype, std::vector<std::string> shape, int vector_bytes,
                    Param::Access access) {
   Param p = tensor_param(std::move(name), dtype, std::move(shape), access);
-  p.alignment = static_cast<std::uint32_t>(vector_bytes);
+  p.alignment = std::max(p.alignment, static_cast<std::uint32_t>(vector_bytes));
   return p;
 }
 Param integer_param(std::string name, double min, double max) {
