@@ -45,7 +45,7 @@ expect 2 'neither inline JSON nor a readable file' -- "$kjit" render /no/such/sp
 expect 0 'hidden=\*/7168'            -- "$kjit" render "$root/tests/data/definitions/rmsnorm/rmsnorm_h7168.json"
 expect 0 'miss, compiled'               -- "$kjit" compile --arch sm_90a "$spec"
 expect 0 'hit \(disk\)'                 -- "$kjit" compile --arch sm_90a "$spec"
-expect 0 'registers  [0-9]+  spill stores 0 bytes' -- "$kjit" compile --arch sm_90a "$spec"
+expect 0 'registers  [0-9]+  spill stores 0 bytes  stack 0 bytes' -- "$kjit" compile --arch sm_90a "$spec"
 expect 2 'not an sm_XY'                 -- "$kjit" compile --arch volta "$spec"
 if [[ $has_gpu == 0 ]]; then
   expect 1 'pass --arch'                -- "$kjit" compile "$spec"

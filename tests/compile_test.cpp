@@ -80,6 +80,7 @@ TEST_CASE("every normalization variant compiles for sm_90a", "[compile]") {
     CHECK(art.cubin.find(art.info.entry) != std::string::npos);
     CHECK(art.info.registers > 0);
     CHECK(art.info.spill_bytes == 0);
+    CHECK(art.info.stack_bytes == 0);
   }
 }
 
@@ -109,7 +110,8 @@ TEST_CASE("every sampling variant compiles for sm_90a", "[compile][sampling]") {
       specs.push_back(fmt::format(R"({{"op": "chain_speculative_sampling", "vocab_size": {}, "dtype": "{}"}})", vocab, dtype));
   auto [built, failures] = build_all(specs);
   for (const auto& a : built)
-    if (a.info.spill_bytes != 0) failures.push_back(fmt::format("{}: spills {} bytes", a.info.spec, a.info.spill_bytes));
+    if (a.info.spill_bytes != 0 || a.info.stack_bytes != 0)
+      failures.push_back(fmt::format("{}: spills {} bytes, local memory {} bytes", a.info.spec, a.info.spill_bytes, a.info.stack_bytes));
   for (const auto& f : failures) FAIL_CHECK(f);
 }
 
@@ -147,7 +149,8 @@ TEST_CASE("every attention variant in a representative grid compiles for sm_90a"
   specs.push_back(R"({"op": "merge_states", "num_heads": 7, "head_dim": 256, "dtype": "float32", "out_dtype": "bfloat16"})");
   auto [built, failures] = build_all(specs);
   for (const auto& a : built)
-    if (a.info.spill_bytes != 0) failures.push_back(fmt::format("{}: spills {} bytes", a.info.spec, a.info.spill_bytes));
+    if (a.info.spill_bytes != 0 || a.info.stack_bytes != 0)
+      failures.push_back(fmt::format("{}: spills {} bytes, local memory {} bytes", a.info.spec, a.info.spill_bytes, a.info.stack_bytes));
   for (const auto& f : failures) FAIL_CHECK(f);
 }
 
@@ -227,6 +230,7 @@ TEST_CASE("every prefill variant in a representative grid compiles for sm_90a", 
             warpgroup_mma, keys, warpgroups));
   auto [built, failures] = build_all(specs);
   for (const auto& a : built)
-    if (a.info.spill_bytes != 0) failures.push_back(fmt::format("{}: spills {} bytes", a.info.spec, a.info.spill_bytes));
+    if (a.info.spill_bytes != 0 || a.info.stack_bytes != 0)
+      failures.push_back(fmt::format("{}: spills {} bytes, local memory {} bytes", a.info.spec, a.info.spill_bytes, a.info.stack_bytes));
   for (const auto& f : failures) FAIL_CHECK(f);
 }

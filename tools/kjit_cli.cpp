@@ -99,8 +99,8 @@ int cmd_compile(const std::string& spec, const std::string& arch, const EngineOp
   fmt::print("entry      {}  arch {}\n", a.info.entry, a.info.arch);
   fmt::print("result     {} ({})\n", a.info.source == ArtifactSource::nvrtc ? "miss, compiled" : "hit", to_string(a.info.source));
   fmt::print("time       {:.1f} ms (NVRTC {:.1f} ms when compiled)\n", ms, a.info.compile_seconds * 1e3);
-  fmt::print("registers  {}  spill stores {} bytes  cubin {}\n", a.info.registers, a.info.spill_bytes,
-             human_bytes(static_cast<double>(a.info.cubin_bytes)));
+  fmt::print("registers  {}  spill stores {} bytes  stack {} bytes  cubin {}\n", a.info.registers, a.info.spill_bytes,
+             a.info.stack_bytes, human_bytes(static_cast<double>(a.info.cubin_bytes)));
   fmt::print("cache      {}\n", engine.cache_dir().empty() ? "(off)" : engine.cache_dir());
   return 0;
 }
@@ -133,7 +133,8 @@ int cmd_pregen(const std::string& config_path, const std::string& arch_list, con
         Artifact a = engine.build(work[i].spec, work[i].arch);
         nlohmann::json meta = {{"spec", nlohmann::json::parse(a.info.spec)}, {"op", a.info.op}, {"entry", a.info.entry},
                                {"arch", a.info.arch}, {"key", a.info.key}, {"registers", a.info.registers},
-                               {"spill_bytes", a.info.spill_bytes}, {"compile_seconds", a.info.compile_seconds},
+                               {"spill_bytes", a.info.spill_bytes}, {"stack_bytes", a.info.stack_bytes},
+                               {"compile_seconds", a.info.compile_seconds},
                                {"nvrtc", compile::nvrtc_version()}};
         writer.add(a.info.source_key, meta, a.cubin);
         std::lock_guard lock(print_mutex);

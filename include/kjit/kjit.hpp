@@ -129,7 +129,8 @@ struct KernelInfo {
   ArtifactSource source = ArtifactSource::nvrtc;
   double compile_seconds = 0;  // NVRTC time when it was compiled (from metadata on a hit)
   int registers = -1;          // per thread, from the cubin
-  int spill_bytes = -1;        // local memory per thread (spill stores), from the cubin
+  int spill_bytes = -1;        // spill stores per thread, from the cubin
+  int stack_bytes = -1;        // local memory per thread (spills, arrays not kept in registers)
   std::size_t cubin_bytes = 0;
   std::vector<Param> params;
 };

@@ -67,6 +67,7 @@ struct Engine::Impl {
       a.info.compile_seconds = meta.value("compile_seconds", 0.0);
       a.info.registers = meta.value("registers", -1);
       a.info.spill_bytes = meta.value("spill_bytes", -1);
+      a.info.stack_bytes = meta.value("stack_bytes", -1);
     };
 
     {
@@ -135,6 +136,7 @@ struct Engine::Impl {
     a.info.compile_seconds = c.seconds;
     a.info.registers = c.registers;
     a.info.spill_bytes = c.spill_bytes;
+    a.info.stack_bytes = c.stack_bytes;
     if (c.spill_bytes > 0) log::warn(fmt::format("{} on {} spills {} bytes per thread", a.info.entry, arch_name, c.spill_bytes));
     if (disk) disk->store(a.info.key, {metadata(a, nvrtc, nvrtc_options), a.cubin});
     remember(a);
@@ -146,7 +148,7 @@ struct Engine::Impl {
             {"arch", a.info.arch}, {"key", a.info.key}, {"source_key", a.info.source_key},
             {"nvrtc", nvrtc}, {"options", nvrtc_options}, {"kjit_version", std::string(kjit::version())},
             {"compile_seconds", a.info.compile_seconds}, {"registers", a.info.registers},
-            {"spill_bytes", a.info.spill_bytes}};
+            {"spill_bytes", a.info.spill_bytes}, {"stack_bytes", a.info.stack_bytes}};
   }
 
   std::string current_arch() {

@@ -3,6 +3,7 @@
 #include <dlfcn.h>
 #include <sys/stat.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdlib>
 #include <mutex>
@@ -225,10 +226,16 @@ CompileResult compile_cubin(const std::string& source, const std::string& name, 
   result.cubin.resize(size);
   a.cubin(program, result.cubin.data());
   result.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  static const std::regex regs(R"(Used (\d+) registers)"), spills(R"((\d+) bytes spill stores)");
-  std::smatch m;
-  if (std::regex_search(log, m, regs)) result.registers = std::stoi(m[1]);
-  if (std::regex_search(log, m, spills)) result.spill_bytes = std::stoi(m[1]);
+  auto largest = [&log](const std::regex& pattern) {
+    int value = -1;
+    for (std::sregex_iterator it(log.begin(), log.end(), pattern), end; it != end; ++it) value = std::max(value, std::stoi((*it)[1]));
+    return value;
+  };
+  static const std::regex regs(R"(Used (\d+) registers)"), spills(R"((\d+) bytes spill stores)"),
+      stack(R"((\d+) bytes stack frame)");
+  result.registers = largest(regs);
+  result.spill_bytes = largest(spills);
+  result.stack_bytes = largest(stack);
   result.log = std::move(log);
   return result;
 }

@@ -12,8 +12,10 @@ struct CompileResult {
   std::string cubin;
   std::string log;
   double seconds = 0;
-  int registers = -1;    // from ptxas' report
+  // From ptxas' report, the largest over the module's kernels:
+  int registers = -1;    // per thread
   int spill_bytes = -1;  // spill stores, bytes per thread
+  int stack_bytes = -1;  // local memory frame per thread: spills, and arrays not kept in registers
 };
 
 using HeaderList = std::vector<std::pair<std::string, std::string>>;  // (include name, text)
