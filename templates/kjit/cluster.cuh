@@ -35,6 +35,10 @@ __device__ __forceinline__ void barrier_init(unsigned long long* barrier, unsign
 __device__ __forceinline__ void barrier_expect_bytes(unsigned long long* barrier, unsigned bytes) {
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(shared_address(barrier)), "r"(bytes) : "memory");
 }
+// One arrival (release semantics: this thread's earlier reads of what the barrier guards are done).
+__device__ __forceinline__ void barrier_arrive(unsigned long long* barrier) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(shared_address(barrier)) : "memory");
+}
 __device__ __forceinline__ void barrier_wait(unsigned long long* barrier, unsigned parity) {
   unsigned done = 0;
   while (!done) {

@@ -114,15 +114,17 @@ struct Sampler {
   // The ring is filled by the bulk copy engine: loads take no registers, and a pass
   // starts on what the ring still holds from the last one.
   static constexpr bool kRing = kRingStages > 0;
-  static constexpr int kStageVecs = kThreads * 2;
+  static constexpr int kStageVecs = kThreads * 4;  // a stage: four vectors per thread, loaded together
   static constexpr int kStages = kRing ? kRingStages : 1;
   static constexpr int kRingBytes = kRing ? kStages * kStageVecs * 16 : 0;
+  static constexpr int kRefillLag = 2;  // stages between a slot's read and its refill
   // Dynamic shared memory the launch gives: the row slice or the ring.
   static constexpr int kDynamicSharedBytes = kResident ? kSliceBytes : kRingBytes;
   static_assert(kVocab % kVec == 0, "vector width must divide the vocabulary");
-  static_assert(kDraws <= kWarps && kDraws <= 4, "one warp and one Philox lane per draw");
+  static_assert(kDraws <= 4 && kWarps % kDraws == 0, "one Philox lane per draw; every draw gets the same number of warps");
+  static_assert((kWarps & (kWarps - 1)) == 0 && kWarps <= 32, "warp 0 reduces the warps' partials in a butterfly");
   static_assert(kBlocksPerRow >= 0 && kBlocksPerRow <= 8, "a portable cluster has at most 8 blocks");
-  static_assert(!kRing || (!kResident && kVec * sizeof(T) == 16 && kStages <= 32), "the ring streams 16-byte vectors");
+  static_assert(!kRing || (!kResident && kVec * sizeof(T) == 16 && kStages <= 32 && kStages > kRefillLag), "the ring streams 16-byte vectors");
   static_assert(kVecsPerBlock * (kCluster - 1) < kVecsPerRow, "every block of a row needs a non-empty slice");
 
   struct Partial {
@@ -147,15 +149,24 @@ struct Sampler {
     float p;
   };
 
+  // A team of warps' best element of a race: smallest key, then lowest token.
+  struct RaceEntry {
+    float key;
+    int token;
+    float p;
+  };
+
   struct Shared {
     Partial warp_partials[kWarps];
     int pivot_count[kPivots > 0 ? kPivots : 1];
     float pivot_mass[kPivots > 0 ? kPivots : 1];
     BlockSums published[kCluster];  // written by each block of the cluster into every block
     Candidate candidate[kDraws];    // written by the block that ran the draw into every block
+    RaceEntry race[kWarps];         // each warp's best element of its draw's race
     float block_max[kCluster];
     unsigned long long slice_loaded;  // mbarrier of the bulk copy
-    unsigned long long stage_loaded[kStages];  // the ring's mbarriers
+    unsigned long long stage_loaded[kStages];  // the ring's mbarriers: a stage has arrived
+    unsigned long long stage_read[kStages];    // and every warp has read it
     // Top-k first: digit histograms (two, so a pass never clears bins a peer still reads).
     int radix_bins[kTopKFirst ? 2 : 1][kTopKFirst ? 256 : 1];
     int radix_total[kTopKFirst ? 256 : 1];
@@ -190,43 +201,58 @@ struct Sampler {
     }
   }
 
-  static __device__ __forceinline__ Partial combine(Partial a, const Partial& b) {
+  // a combined with b. Only the fields the filter reads are combined, and the row's
+  // totals only in a pass that takes them (whole).
+  static __device__ __forceinline__ Partial combine(Partial a, const Partial& b, bool whole) {
 #pragma unroll
     for (int d = 0; d < kDraws; ++d) {
       if (b.key[d] < a.key[d] || (b.key[d] == a.key[d] && b.index[d] < a.index[d])) {
         a.key[d] = b.key[d];
         a.index[d] = b.index[d];
       }
-      a.count[d] += b.count[d];
-      a.mass[d] += b.mass[d];
+      if constexpr (kTopK) a.count[d] += b.count[d];
+      if constexpr (kTopP) a.mass[d] += b.mass[d];
     }
-    a.total += b.total;
-    if (b.max > a.max || (b.max == a.max && b.argmax < a.argmax)) { a.max = b.max; a.argmax = b.argmax; }
+    if (whole) {
+      a.total += b.total;
+      if (b.max > a.max || (b.max == a.max && b.argmax < a.argmax)) { a.max = b.max; a.argmax = b.argmax; }
+    }
     return a;
   }
 
-  static __device__ Partial block_reduce(Partial v, Shared& shared) {
+  // v combined with the lane `offset` away (xor). Both lanes compute the same value:
+  // every combination is symmetric.
+  static __device__ __forceinline__ Partial combine_lane(const Partial& v, int offset, bool whole) {
+    Partial o = v;
 #pragma unroll
-    for (int offset = 16; offset > 0; offset /= 2) {
-      Partial o;
-#pragma unroll
-      for (int d = 0; d < kDraws; ++d) {
-        o.key[d] = __shfl_xor_sync(0xffffffffu, v.key[d], offset);
-        o.index[d] = __shfl_xor_sync(0xffffffffu, v.index[d], offset);
-        o.count[d] = __shfl_xor_sync(0xffffffffu, v.count[d], offset);
-        o.mass[d] = __shfl_xor_sync(0xffffffffu, v.mass[d], offset);
-      }
+    for (int d = 0; d < kDraws; ++d) {
+      o.key[d] = __shfl_xor_sync(0xffffffffu, v.key[d], offset);
+      o.index[d] = __shfl_xor_sync(0xffffffffu, v.index[d], offset);
+      if constexpr (kTopK) o.count[d] = __shfl_xor_sync(0xffffffffu, v.count[d], offset);
+      if constexpr (kTopP) o.mass[d] = __shfl_xor_sync(0xffffffffu, v.mass[d], offset);
+    }
+    if (whole) {
       o.total = __shfl_xor_sync(0xffffffffu, v.total, offset);
       o.max = __shfl_xor_sync(0xffffffffu, v.max, offset);
       o.argmax = __shfl_xor_sync(0xffffffffu, v.argmax, offset);
-      v = combine(v, o);
     }
+    return combine(v, o, whole);
+  }
+
+  // The block's sums, valid in warp 0 only: each warp reduces its lanes, then warp 0
+  // reduces the warps'. (Every thread combining all warps' partials in turn took a
+  // tenth of top-p's time.)
+  static __device__ Partial block_reduce(Partial v, bool whole, Shared& shared) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) v = combine_lane(v, offset, whole);
     if (threadIdx.x % 32 == 0) shared.warp_partials[threadIdx.x / 32] = v;
     __syncthreads();
-    Partial r = shared.warp_partials[0];
-#pragma unroll 4
-    for (int w = 1; w < kWarps; ++w) r = combine(r, shared.warp_partials[w]);
-    return r;
+    if (threadIdx.x < 32) {
+      v = shared.warp_partials[threadIdx.x % kWarps];  // xor offsets below kWarps stay in a group of kWarps lanes
+#pragma unroll
+      for (int offset = kWarps / 2; offset > 0; offset /= 2) v = combine_lane(v, offset, whole);
+    }
+    return v;
   }
 
   static __device__ __forceinline__ unsigned pick(const uint4& bits, int i) {
@@ -258,6 +284,7 @@ struct Sampler {
     unsigned passes;   // ring passes run so far
     int base;          // the slot the last ring pass read first
     unsigned phase;    // bit s: the parity slot s's mbarrier completes next (every thread tracks alike)
+    unsigned read_phase;  // bit s: flipped each time the block reads slot s (every thread tracks alike)
   };
 
   // f(v, x) for each of this thread's vectors: v % kThreads == threadIdx.x whatever
@@ -270,11 +297,12 @@ struct Sampler {
     for_each_vector(s.local != nullptr ? s.local : s.global, vecs, f);
   }
 
-  // A pass over the row in stages of kStageVecs vectors through kStages slots; thread 0
-  // refills a slot once the block has read it. Passes alternate direction, so each
-  // starts on the stages the last one read last, which still sit in the ring and are
-  // read again with no copy. Step i of a pass reads slot base + i going forwards,
-  // base - i going backwards.
+  // A pass over the row in stages of kStageVecs vectors through kStages slots. Each warp
+  // releases a slot once it has read it, and thread 0 refills the slot read kRefillLag
+  // stages ago once every warp has released it: no block-wide barrier a stage. Passes
+  // alternate direction, so each starts on the stages the last one read last, which
+  // still sit in the ring and are read again with no copy. Step i of a pass reads slot
+  // base + i going forwards, base - i going backwards.
   template <typename F>
   static __device__ void ring_pass(Stream& s, int vecs, Shared& shared, F&& f) {
     const int stages = (vecs + kStageVecs - 1) / kStageVecs;
@@ -308,8 +336,18 @@ struct Sampler {
           f(first + at, x);
         }
       }
-      __syncthreads();  // the slot has been read by every thread
-      if (threadIdx.x == 0 && i + kStages < stages) fill(i + kStages, slot);
+      __syncwarp();  // the warp's reads of the slot are done
+      if (threadIdx.x % 32 == 0) bulk::barrier_arrive(&shared.stage_read[slot]);
+      s.read_phase ^= 1u << slot;
+      // The slot of stage i - kRefillLag was released by this warp then; the others have
+      // most likely released it too. (A slot is read once between refills, so its release
+      // barrier is at most one phase ahead of the parity tracked here.)
+      const int done = i - kRefillLag;
+      if (threadIdx.x == 0 && done >= 0 && done + kStages < stages) {
+        const int done_slot = slot_of(done);
+        bulk::barrier_wait(&shared.stage_read[done_slot], ((s.read_phase >> done_slot) & 1u) ^ 1u);
+        fill(done + kStages, done_slot);
+      }
       slot = backwards ? (slot == 0 ? kStages - 1 : slot - 1) : (slot == kStages - 1 ? 0 : slot + 1);
     }
     s.base = base;
@@ -408,7 +446,7 @@ struct Sampler {
     // This block's vectors [first_vec, first_vec + vecs) of the row, read from src.
     const int first_vec = static_cast<int>(my_rank) * kVecsPerBlock;
     const int vecs = kResident ? min(kVecsPerBlock, kVecsPerRow - first_vec) : kVecsPerRow;
-    Stream src{p_row, nullptr, false, 0u, 0, 0u};
+    Stream src{p_row, nullptr, false, 0u, 0, 0u, 0u};
     if constexpr (kResident) {
       T* slice = reinterpret_cast<T*>(slice_storage);
       load_slice(p_row + first_vec * kVec, vecs, slice, shared);
@@ -419,7 +457,10 @@ struct Sampler {
       if (src.ring) {
         src.local = reinterpret_cast<const T*>(slice_storage);
         if (threadIdx.x == 0)
-          for (int i = 0; i < kStages; ++i) bulk::barrier_init(&shared.stage_loaded[i], 1);
+          for (int i = 0; i < kStages; ++i) {
+            bulk::barrier_init(&shared.stage_loaded[i], 1);
+            bulk::barrier_init(&shared.stage_read[i], kWarps);
+          }
         __syncthreads();
       }
     }
@@ -475,6 +516,7 @@ struct Sampler {
 
     for (int round = 0; round <= kMaxRounds && result < 0; ++round) {
       const bool exact = kFastSums && result == kRetest;
+      const bool whole = round == 0 || exact;  // a pass that takes the row's totals
       Partial part;
 #pragma unroll
       for (int d = 0; d < kDraws; ++d) {
@@ -599,17 +641,20 @@ struct Sampler {
           float m = pivots.mass[q];
 #pragma unroll
           for (int o = 16; o > 0; o /= 2) {
-            c += __shfl_xor_sync(0xffffffffu, c, o);
-            m += __shfl_xor_sync(0xffffffffu, m, o);
+            if constexpr (kTopK) c += __shfl_xor_sync(0xffffffffu, c, o);
+            if constexpr (kTopP) m += __shfl_xor_sync(0xffffffffu, m, o);
           }
-          if (lane == 0) { atomicAdd(&shared.pivot_count[q], c); atomicAdd(&shared.pivot_mass[q], m); }
+          if (lane == 0) {
+            if constexpr (kTopK) atomicAdd(&shared.pivot_count[q], c);
+            if constexpr (kTopP) atomicAdd(&shared.pivot_mass[q], m);
+          }
         }
       }
       {
         // Block sums (block_reduce's barrier also orders the pivot sums), pushed to
         // every block of the row and combined there in rank order.
         BlockSums mine;
-        mine.part = block_reduce(part, shared);
+        mine.part = block_reduce(part, whole, shared);
         if constexpr (kPivots > 0) {
 #pragma unroll
           for (int q = 0; q < kPivots; ++q) { mine.pivot_count[q] = shared.pivot_count[q]; mine.pivot_mass[q] = shared.pivot_mass[q]; }
@@ -620,7 +665,7 @@ struct Sampler {
       group_sync();
       Partial r = shared.published[0].part;
 #pragma unroll
-      for (int b = 1; b < kCluster; ++b) r = combine(r, shared.published[b].part);
+      for (int b = 1; b < kCluster; ++b) r = combine(r, shared.published[b].part, whole);
       const float drawn_lo = lo, drawn_floor = floor;  // the eligibility the chunk sums were taken with
       if (exact) total = r.total;
       if (round == 0) {
@@ -680,61 +725,56 @@ struct Sampler {
       result = unsure ? kRetest : -1;
       if (draw && r.index[0] == kNone) { result = row_argmax; break; }  // nothing to draw from: no positive entry
 
-      // The element races inside the winning chunks: warp d of the chunk's block runs draw d.
-      if (draw && warp < kDraws) {
-        int chunk_id = r.index[0];
+      // The element races inside the winning chunks. Draw d runs in the block holding its
+      // chunk, on warps d, d + kDraws, ...: a thread takes one of the chunk's vectors or
+      // a few (one warp walking a chunk alone took a seventh of top-p's time, latency).
+      constexpr int kTeams = kWarps / kDraws;
+      const int draw_id = warp % kDraws;
+      int chunk_id = r.index[0];
 #pragma unroll
-        for (int d = 1; d < kDraws; ++d)
-          if (warp == d) chunk_id = r.index[d];
-        if (chunk_id / kThreads == static_cast<int>(my_rank)) {
-          float best_key = __int_as_float(0x7f800000), best_p = 0.f;
-          int best = kNone;
-          philox.counter.z = 2u * round + 1u + 256u * static_cast<unsigned>(warp);
-          const T* chunk_src = kResident ? src.local : src.global;
-          int group = -1;
-          uint4 bits;
-          auto race = [&](int v, const Vec<T, kVec>& x) {
+      for (int d = 1; d < kDraws; ++d)
+        if (draw_id == d) chunk_id = r.index[d];
+      const bool race_here = draw && chunk_id / kThreads == static_cast<int>(my_rank);
+      if (race_here) {
+        RaceEntry best{__int_as_float(0x7f800000), kNone, 0.f};
+        philox.counter.z = 2u * round + 1u + 256u * static_cast<unsigned>(draw_id);
+        const T* chunk_src = kResident ? src.local : src.global;
+        constexpr int kStride = kTeams * 32 * kThreads;
+        for (int v = chunk_id % kThreads + (warp / kDraws * 32 + lane) * kThreads; v < vecs; v += kStride) {
+          Vec<T, kVec> x;
+          x.load(chunk_src + v * kVec);
 #pragma unroll
-            for (int j = 0; j < kVec; ++j) {
+          for (int g = 0; g < kVec; g += 4) {  // a Philox call for each four elements
+            philox.counter.x = static_cast<unsigned>(((first_vec + v) * kVec + g) / 4);
+            const uint4 bits = philox();
+#pragma unroll
+            for (int j = g; j < g + 4 && j < kVec; ++j) {
               const int i = (first_vec + v) * kVec + j;
               const float p = weight(to_float(x[j]), max_logit, scale_log2);
               if (p > drawn_lo && p >= drawn_floor && p > 0.f) {
-                if (i / 4 != group) {
-                  group = i / 4;
-                  philox.counter.x = static_cast<unsigned>(group);
-                  bits = philox();
-                }
                 const float key = random::exponential(pick(bits, i)) / p;
-                if (key < best_key || (key == best_key && i < best)) { best_key = key; best = i; best_p = p; }
+                if (key < best.key || (key == best.key && i < best.token)) best = RaceEntry{key, i, p};
               }
             }
-          };
-          // Two loads in flight: a chunk is a few strided vectors, so this is latency.
-          // (Top-k first keeps one: its registers are full.)
-          constexpr int kStride = 32 * kThreads;
-          int v = chunk_id % kThreads + lane * kThreads;
-          for (; !kTopKFirst && v + kStride < vecs; v += 2 * kStride) {
-            Vec<T, kVec> x0, x1;
-            x0.load(chunk_src + v * kVec);
-            x1.load(chunk_src + (v + kStride) * kVec);
-            race(v, x0);
-            race(v + kStride, x1);
           }
-          for (; v < vecs; v += kStride) {
-            Vec<T, kVec> x;
-            x.load(chunk_src + v * kVec);
-            race(v, x);
-          }
-#pragma unroll
-          for (int o = 16; o > 0; o /= 2) {
-            const float k2 = __shfl_xor_sync(0xffffffffu, best_key, o);
-            const int i2 = __shfl_xor_sync(0xffffffffu, best, o);
-            const float p2 = __shfl_xor_sync(0xffffffffu, best_p, o);
-            if (k2 < best_key || (k2 == best_key && i2 < best)) { best_key = k2; best = i2; best_p = p2; }
-          }
-          if (lane < kCluster)
-            *(kCluster > 1 ? cluster::map(&shared.candidate[warp], lane) : &shared.candidate[warp]) = Candidate{best, best_p};
         }
+#pragma unroll
+        for (int o = 16; o > 0; o /= 2) {
+          const RaceEntry other{__shfl_xor_sync(0xffffffffu, best.key, o), __shfl_xor_sync(0xffffffffu, best.token, o),
+                                __shfl_xor_sync(0xffffffffu, best.p, o)};
+          if (other.key < best.key || (other.key == best.key && other.token < best.token)) best = other;
+        }
+        if (lane == 0) shared.race[warp] = best;
+      }
+      __syncthreads();  // the teams' winners are in shared memory
+      if (race_here && warp < kDraws && lane < kCluster) {
+        RaceEntry best = shared.race[warp];
+#pragma unroll
+        for (int t = 1; t < kTeams; ++t) {
+          const RaceEntry other = shared.race[warp + t * kDraws];
+          if (other.key < best.key || (other.key == best.key && other.token < best.token)) best = other;
+        }
+        *(kCluster > 1 ? cluster::map(&shared.candidate[warp], lane) : &shared.candidate[warp]) = Candidate{best.token, best.p};
       }
       group_sync();  // candidates are in every block; the published sums have been read
       if (!draw) continue;
