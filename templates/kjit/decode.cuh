@@ -26,6 +26,8 @@
 
 namespace kjit::attention {
 
+constexpr int bits_of(int n) { return n <= 1 ? 0 : 1 + bits_of(n / 2); }  // floor(log2(n))
+
 template <typename TQ, typename TKV, int kHeadDim, int kQoHeads, int kKvHeads, int kHeads, paged_kv::Layout kLayout,
           int kPageSize, bool kCombined, bool kSoftCap, int kWindow, bool kLse, int kStages>
 struct BatchDecode {
@@ -42,9 +44,19 @@ struct BatchDecode {
   // Dynamic shared memory: the copy stages, reused for merging the slots at the end.
   static constexpr int kStageBytes = kStages * kUnroll * 2 * kThreads * kPieceBytes;
   static constexpr float kLog2e = 1.4426950408889634f;
+  // A step's scores: kScores lane-partial dots per thread, e = u * kHeadSlots + h (heads
+  // padded to a power of two). The token row's lanes reduce them transposed: each lane ends
+  // up owning kOwned full sums (the lane's top two bits are u), so the softmax runs once per
+  // score instead of on every lane.
+  static constexpr int kHeadSlots = 1 << bits_of(2 * kHeads - 1);
+  static constexpr int kScores = kUnroll * kHeadSlots;
+  static constexpr int kLaneBits = bits_of(kLanes);
+  static constexpr int kScoreBits = bits_of(kScores);
+  static constexpr int kOwned = kScores > kLanes ? kScores / kLanes : 1;
   static_assert(kStages >= 2, "one step copied while another is used");
   static_assert(kQoHeads % kKvHeads == 0 && kGroup % kHeads == 0, "heads per block must divide the group");
   static_assert(kHeadDim % kVec == 0 && kLanes <= 32 && 32 % kLanes == 0, "a token row must fit one warp");
+  static_assert(kUnroll == 4 && (1 << kLaneBits) == kLanes && kLaneBits >= 2, "u is a score's top two bits and a lane's");
 
   struct Shared {
     float m[kSlots][kHeads];
@@ -53,10 +65,43 @@ struct BatchDecode {
   };
   static constexpr int kSharedBytes = kStageBytes > static_cast<int>(sizeof(Shared)) ? kStageBytes : static_cast<int>(sizeof(Shared));
 
-  static __device__ __forceinline__ float lane_group_sum(float v) {
+  // The lane (of a token row's kLanes) and the slot in it that own score e after the
+  // transposed reduction, and the score a lane's k-th owned value is.
+  static __device__ __forceinline__ constexpr int owner_lane(int e) {
+    return kScores >= kLanes ? e >> (kScoreBits - kLaneBits) : e << (kLaneBits - kScoreBits);
+  }
+  static __device__ __forceinline__ constexpr int owner_slot(int e) { return kScores >= kLanes ? e & (kOwned - 1) : 0; }
+
+  // Sums v over the token row's lanes, transposed: at each level a lane keeps half of its
+  // values and adds its partner's half, so kScores sums take about kScores shuffles
+  // (kScores * kLaneBits one by one). v[0, kOwned) ends up holding the lane's scores.
+  template <int kLevel = 0>
+  static __device__ __forceinline__ void reduce_transposed(float (&v)[kScores], int lane) {
+    if constexpr (kLevel < kLaneBits) {
+      constexpr int kOffset = kLanes >> (kLevel + 1);
+      constexpr int kHeld = kScores >> kLevel;  // values still held (while more than one)
+      if constexpr (kHeld > 1) {
+        const bool upper = (lane & kOffset) != 0;
 #pragma unroll
-    for (int o = kLanes / 2; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
+        for (int k = 0; k < kHeld / 2; ++k) {
+          const float low = v[k], high = v[k + kHeld / 2];
+          v[k] = (upper ? high : low) + __shfl_xor_sync(0xffffffffu, upper ? low : high, kOffset);
+        }
+      } else {
+        v[0] += __shfl_xor_sync(0xffffffffu, v[0], kOffset);
+      }
+      reduce_transposed<kLevel + 1>(v, lane);
+    }
+  }
+
+  // The maximum (or sum) over the four lanes that own the same head's scores for u = 0..3.
+  static __device__ __forceinline__ float max_over_tokens(float v) {
+    v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, kLanes / 2));
+    return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, kLanes / 4));
+  }
+  static __device__ __forceinline__ float sum_over_tokens(float v) {
+    v += __shfl_xor_sync(0xffffffffu, v, kLanes / 2);
+    return v + __shfl_xor_sync(0xffffffffu, v, kLanes / 4);
   }
 
   static __device__ void run(const TQ* __restrict__ q, const TKV* __restrict__ k_cache, const TKV* __restrict__ v_cache,
@@ -87,14 +132,18 @@ struct BatchDecode {
       for (int i = 0; i < kVec; ++i) qr[h][i] = to_float(x[i]) * q_scale;
     }
 
-    float m[kHeads], l[kHeads], acc[kHeads][kVec];
+    // Softmax state of the owned scores' heads (every lane of a head's four has the same
+    // m; l is this lane's part), and the output of every head.
+    float m_owned[kOwned], l_owned[kOwned], acc[kHeads][kVec];
 #pragma unroll
-    for (int h = 0; h < kHeads; ++h) {
-      m[h] = -__int_as_float(0x7f800000);
-      l[h] = 0.f;
+    for (int k = 0; k < kOwned; ++k) {
+      m_owned[k] = -__int_as_float(0x7f800000);
+      l_owned[k] = 0.f;
+    }
+#pragma unroll
+    for (int h = 0; h < kHeads; ++h)
 #pragma unroll
       for (int i = 0; i < kVec; ++i) acc[h][i] = 0.f;
-    }
 
     // This thread's pieces: stage st, token u, K or V -> 16 bytes, consecutive threads adjacent.
     extern __shared__ __align__(16) unsigned char dynamic_shared[];
@@ -140,50 +189,71 @@ struct BatchDecode {
         kx[u] = *piece(step % kStages, u, 0);  // zero-filled past the end
         vx[u] = *piece(step % kStages, u, 1);
       }
-      float s[kUnroll][kHeads];
+      float score[kScores];
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         float kf[kVec];
         to_floats(kx[u], kf);
-        const bool valid = t0 + u * kSlots + slot < end;
 #pragma unroll
-        for (int h = 0; h < kHeads; ++h) {
+        for (int h = 0; h < kHeadSlots; ++h) {
           float dot = 0.f;
+          if (h < kHeads) {
 #pragma unroll
-          for (int i = 0; i < kVec; ++i) dot = fmaf(qr[h][i], kf[i], dot);
-          dot = lane_group_sum(dot);
-          if constexpr (kSoftCap) dot = soft_cap * kLog2e * tanhf(dot);
-          s[u][h] = valid ? dot : -__int_as_float(0x7f800000);
+            for (int i = 0; i < kVec; ++i) dot = fmaf(qr[h][i], kf[i], dot);
+          }
+          score[u * kHeadSlots + h] = dot;
         }
       }
-      // Online softmax; s becomes p = 2^(s - m), 0 for masked tokens.
+      reduce_transposed(score, lane);
+      // Online softmax of the owned scores; they become p = 2^(s - m), 0 for masked tokens.
+      const int u_owned = lane >> (kLaneBits - 2);
+      const bool valid = t0 + u_owned * kSlots + slot < end;
+      float rescale[kOwned];
+      bool rescaled = false;
 #pragma unroll
-      for (int h = 0; h < kHeads; ++h) {
-        float tile_max = s[0][h];
-#pragma unroll
-        for (int u = 1; u < kUnroll; ++u) tile_max = fmaxf(tile_max, s[u][h]);
-        const float m_new = fmaxf(m[h], tile_max);
+      for (int k = 0; k < kOwned; ++k) {
+        float s = score[k];
+        if constexpr (kSoftCap) s = soft_cap * kLog2e * tanhf(s);
+        s = valid ? s : -__int_as_float(0x7f800000);
+        const float m_new = fmaxf(m_owned[k], max_over_tokens(s));
         const float m_finite = m_new == -__int_as_float(0x7f800000) ? 0.f : m_new;  // no token yet: every p is 0
-        const float rescale = exp2f(m[h] - m_finite);                                 // 0 while m is -inf
-        l[h] *= rescale;
+        rescale[k] = exp2f(m_owned[k] - m_finite);                                   // 0 while m is -inf
+        score[k] = exp2f(s - m_finite);
+        l_owned[k] = fmaf(l_owned[k], rescale[k], score[k]);
+        m_owned[k] = m_new;
+        rescaled = rescaled || rescale[k] != 1.f;
+      }
+      // Once the maximum settles, most steps leave the outputs' scale alone.
+      if (__any_sync(0xffffffffu, rescaled)) {
 #pragma unroll
-        for (int i = 0; i < kVec; ++i) acc[h][i] *= rescale;
+        for (int h = 0; h < kHeads; ++h) {
+          const float r = __shfl_sync(0xffffffffu, rescale[owner_slot(h)], owner_lane(h), kLanes);
 #pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-          s[u][h] = exp2f(s[u][h] - m_finite);
-          l[h] += s[u][h];
+          for (int i = 0; i < kVec; ++i) acc[h][i] *= r;
         }
-        m[h] = m_new;
       }
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         float vf[kVec];
         to_floats(vx[u], vf);
 #pragma unroll
-        for (int h = 0; h < kHeads; ++h)
+        for (int h = 0; h < kHeads; ++h) {
+          const int e = u * kHeadSlots + h;
+          const float p = __shfl_sync(0xffffffffu, score[owner_slot(e)], owner_lane(e), kLanes);
 #pragma unroll
-          for (int i = 0; i < kVec; ++i) acc[h][i] = fmaf(s[u][h], vf[i], acc[h][i]);
+          for (int i = 0; i < kVec; ++i) acc[h][i] = fmaf(p, vf[i], acc[h][i]);
+        }
       }
+    }
+
+    // Every head's m and l (summed over the four token lanes) on every lane, for the merge.
+    float m[kHeads], l[kHeads];
+#pragma unroll
+    for (int k = 0; k < kOwned; ++k) l_owned[k] = sum_over_tokens(l_owned[k]);
+#pragma unroll
+    for (int h = 0; h < kHeads; ++h) {
+      m[h] = __shfl_sync(0xffffffffu, m_owned[owner_slot(h)], owner_lane(h), kLanes);
+      l[h] = __shfl_sync(0xffffffffu, l_owned[owner_slot(h)], owner_lane(h), kLanes);
     }
 
     mma::copy_wait<0>();
