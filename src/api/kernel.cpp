@@ -192,6 +192,15 @@ void Kernel::launch(std::span<const Arg> args, void* stream) const {
 
   const runtime::DriverApi& d = runtime::driver();
   CUfunction f = s.function(runtime::current_device(), rule);
+  if (launch.waits_for_previous_grid && d.launch_kernel_ex) {
+    CUlaunchAttribute overlap{};
+    overlap.id = CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+    overlap.value.programmaticStreamSerializationAllowed = 1;
+    const CUlaunchConfig config{grid[0],         grid[1],         grid[2], launch.block[0], launch.block[1], launch.block[2],
+                                launch.dynamic_shared_bytes, static_cast<CUstream>(stream), &overlap, 1};
+    runtime::check(d.launch_kernel_ex(&config, f, slots, nullptr), "cuLaunchKernelEx");
+    return;
+  }
   runtime::check(d.launch_kernel(f, grid[0], grid[1], grid[2], launch.block[0], launch.block[1], launch.block[2],
                                  launch.dynamic_shared_bytes, static_cast<CUstream>(stream), slots, nullptr),
                  "cuLaunchKernel");

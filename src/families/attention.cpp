@@ -394,6 +394,9 @@ class AttentionFamily final : public Family {
                             {"out_ctype", cuda_type(out_dtype)}, {"vec", vec},  {"rows_per_block", rows_per_block}};
     plan.launch.block[0] = static_cast<std::uint32_t>(rows_per_block * lanes);
     plan.launch.grid[0] = GridDim{param_index(p, "seq_len"), 1, 1, heads / rows_per_block};
+    // The entries wait for the kernel before them (a split decode's, or a user's passes)
+    // in the kernel, so their launch overlaps its tail.
+    plan.launch.waits_for_previous_grid = true;
     // merge_states of few rows (a split decode's small batch, up to ~1024 rows): a block of
     // 512 threads per row, its lane groups sharing the states (batch 1 x 32768 decode: the
     // merge of 60 states of 32 rows took 16.5 us with a lane group per row).
@@ -406,6 +409,7 @@ class AttentionFamily final : public Family {
       split.at_most = split_max_seq_len;
       split.block[0] = static_cast<std::uint32_t>(split_threads);
       split.grid[0] = GridDim{split.when_param, 1, 1, heads};
+      split.waits_for_previous_grid = true;
       plan.conditional_launches.push_back(split);
     }
     return plan;

@@ -35,6 +35,10 @@ struct LaunchRule {
   std::string entry;  // empty: the plan's entry
   int when_param = -1;
   std::int64_t at_most = 0;
+  // The entry waits for the previous kernel in the stream itself (griddepcontrol.wait
+  // before its first read), so it is launched to overlap that kernel's tail
+  // (programmatic stream serialization) where the driver supports it.
+  bool waits_for_previous_grid = false;
 };
 
 struct KernelPlan {

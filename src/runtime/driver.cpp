@@ -50,6 +50,7 @@ const Loaded& loaded() {
     sym(a.func_set_attribute, "cuFuncSetAttribute");
     sym(a.occupancy_blocks_per_sm, "cuOccupancyMaxActiveBlocksPerMultiprocessor");
     sym(a.launch_kernel, "cuLaunchKernel");
+    a.launch_kernel_ex = reinterpret_cast<decltype(a.launch_kernel_ex)>(::dlsym(h, "cuLaunchKernelEx"));  // optional
     sym(a.mem_alloc, "cuMemAlloc_v2");
     sym(a.mem_free, "cuMemFree_v2");
     sym(a.memcpy_htod, "cuMemcpyHtoD_v2");

@@ -73,6 +73,21 @@ __device__ __forceinline__ float group_max(float v) {
   return v;
 }
 
+// Programmatic dependent launch (sm_90). A kernel launched to overlap the one before it in
+// its stream calls wait_for_previous_grid before its first read: it returns once that kernel
+// has finished and its writes are visible (at once without the overlap). A kernel calls
+// allow_next_grid when the next kernel's blocks may take free slots and start waiting.
+__device__ __forceinline__ void wait_for_previous_grid() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void allow_next_grid() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 // Two float values -> two fp8 e4m3 codes (round to nearest even, saturating to +-448).
 __device__ __forceinline__ unsigned short float2_to_e4m3x2(float a, float b) {
   return __nv_cvt_float2_to_fp8x2(make_float2(a, b), __NV_SATFINITE, __NV_E4M3);

@@ -246,6 +246,9 @@ struct BatchDecode {
       }
     }
 
+    // A split's merge_states may take free slots now; it waits for this grid to finish.
+    allow_next_grid();
+
     // Every head's m and l (summed over the four token lanes) on every lane, for the merge.
     float m[kHeads], l[kHeads];
 #pragma unroll
