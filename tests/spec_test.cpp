@@ -74,12 +74,14 @@ TEST_CASE("sampling rows go to shared memory over as few blocks as fit", "[spec]
   CHECK(layout(17, "float32") == std::pair<int, std::uint32_t>(1, 80));
   CHECK(layout(1 << 20, "float32") == std::pair<int, std::uint32_t>(0, 0));  // 4 MB rows: streamed
   // The streamed form's copy ring: for rows read more than once, not for the one-pass
-  // draw nor top-k (both stream faster into registers).
-  auto ring_bytes = [](const char* op) {
-    return plan(fmt::format(R"({{"op": "{}", "vocab_size": 128256, "dtype": "float32"}})", op)).launch.dynamic_shared_bytes;
+  // draw nor 16-bit top-k (both stream faster into registers).
+  auto ring_bytes = [](const char* op, const char* dtype = "float32") {
+    return plan(fmt::format(R"({{"op": "{}", "vocab_size": 128256, "dtype": "{}"}})", op, dtype)).launch.dynamic_shared_bytes;
   };
   CHECK(ring_bytes("sampling_from_probs") == 0);
-  CHECK(ring_bytes("top_k_sampling_from_probs") == 0);
+  CHECK(ring_bytes("top_k_sampling_from_probs") == 196608);
+  CHECK(ring_bytes("top_k_sampling_from_probs", "bfloat16") == 0);
+  CHECK(ring_bytes("top_p_sampling_from_probs", "bfloat16") == 196608);
   CHECK(ring_bytes("sampling_from_logits") == 196608);
   CHECK(ring_bytes("min_p_sampling_from_probs") == 196608);
   // The canonical spec names the field only when it is not the default.

@@ -262,12 +262,14 @@ class SamplingFamily final : public Family {
       // Streamed rows of 16-byte vectors that are read more than once go through a ring of
       // six stages of four vectors per thread (Sampler::kRingBytes): a pass does not copy
       // again what the last one left there. Measured at 128 x 128256 fp32, register loads
-      // against the ring: top-p 76 vs 72 us, min-p 55 vs 48, top-k first 158 vs 115; but the
-      // one-pass draw (35 vs 38) and top-k (98 vs 108) stream faster into registers.
-      // (Twelve stages of two vectors: top-p 57.7 us against 53.7, the warps waited on
-      // each other twice as often.)
+      // against the ring: top-p 76 vs 72 us, min-p 55 vs 48, top-k first 158 vs 115; the
+      // one-pass draw streams faster into registers (35 vs 38). (Twelve stages of two
+      // vectors: top-p 57.7 us against 53.7, the warps waited on each other twice as often.)
+      // Top-k: the ring 77.5 us against 84.6 in registers for fp32, but 200.5 against 193.4
+      // for bf16 (vocabulary 151936: eight entries a vector, and four vectors a stage).
       const bool multi_pass = filter != "none" || logits;
-      const int ring_stages = vector_bytes == 16 && multi_pass && filter != "top_k" ? 6 : 0;
+      const bool ring_helps = multi_pass && (filter != "top_k" || dtype == DType::float32);
+      const int ring_stages = vector_bytes == 16 && ring_helps ? 6 : 0;
       const std::int64_t ring = ring_stages * threads * 4 * 16;
       plan.launch.dynamic_shared_bytes = static_cast<std::uint32_t>(ring);
       forms.push_back({{"entry", plan.entry}, {"blocks_per_row", 0}, {"threads", threads}, {"min_blocks", 1},
