@@ -196,7 +196,7 @@ void Kernel::launch(std::span<const Arg> args, void* stream) const {
     CUlaunchAttribute overlap{};
     overlap.id = CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
     overlap.value.programmaticStreamSerializationAllowed = 1;
-    const CUlaunchConfig config{grid[0],         grid[1],         grid[2], launch.block[0], launch.block[1], launch.block[2],
+    const CUlaunchConfig config{grid[0], grid[1], grid[2], launch.block[0], launch.block[1], launch.block[2],
                                 launch.dynamic_shared_bytes, static_cast<CUstream>(stream), &overlap, 1};
     runtime::check(d.launch_kernel_ex(&config, f, slots, nullptr), "cuLaunchKernelEx");
     return;

@@ -65,8 +65,8 @@ struct BatchDecode {
   };
   static constexpr int kSharedBytes = kStageBytes > static_cast<int>(sizeof(Shared)) ? kStageBytes : static_cast<int>(sizeof(Shared));
 
-  // The lane (of a token row's kLanes) and the slot in it that own score e after the
-  // transposed reduction, and the score a lane's k-th owned value is.
+  // The lane (of a token row's kLanes) that owns score e after the transposed reduction,
+  // and where e sits among that lane's kOwned values.
   static __device__ __forceinline__ constexpr int owner_lane(int e) {
     return kScores >= kLanes ? e >> (kScoreBits - kLaneBits) : e << (kLaneBits - kScoreBits);
   }
