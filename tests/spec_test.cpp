@@ -110,6 +110,24 @@ TEST_CASE("attention plans: prefill blocks and the merge's few-row form", "[spec
   CHECK(merge.conditional_launches[0].at_most == 32);
   CHECK(merge.conditional_launches[0].grid[0].multiplier == 32);
   CHECK(plan(R"({"op": "merge_state", "num_heads": 32, "head_dim": 128, "dtype": "float32"})").conditional_launches.empty());
+
+  // The merges are launched to overlap the kernel before them, so every entry of theirs must
+  // wait for that kernel itself before its first read; other kernels launch plainly.
+  CHECK(merge.launch.waits_for_previous_grid);
+  CHECK(merge.conditional_launches[0].waits_for_previous_grid);
+  CHECK_FALSE(one.launch.waits_for_previous_grid);
+  kjit::EngineOptions options;
+  options.disk_cache = false;
+  kjit::Engine engine(options);
+  for (const char* op : {"merge_state", "merge_states"}) {
+    const std::string source = engine.render(fmt::format(R"({{"op": "{}", "num_heads": 32, "head_dim": 128, "dtype": "float32"}})", op));
+    std::size_t entries = 0, waits = 0;
+    for (std::size_t at = 0; (at = source.find("__global__", at)) != std::string::npos; ++at) ++entries;
+    for (std::size_t at = 0; (at = source.find("kjit::wait_for_previous_grid();", at)) != std::string::npos; ++at) ++waits;
+    INFO(op);
+    CHECK(entries > 0);
+    CHECK(waits == entries);
+  }
 }
 
 TEST_CASE("launch geometry covers every row and element", "[spec]") {
