@@ -17,11 +17,11 @@
 // take the first inside S). A draw is two-level: each thread owns a chunk of the
 // row and sums its eligible mass during the pass; an exponential race over the
 // chunk sums (argmin E_t / S_t) picks a chunk with probability S_t / sum S, and a
-// race over the chunk's elements (argmin E_i / p_i), run by one warp of the block
-// holding the chunk, picks the token with probability p_i / S_t. Random numbers
-// come from Philox keyed by (seed, offset) and counted by (row, round, chunk or
-// element), so the result does not depend on scheduling. The test of round r's
-// candidate shares round r+1's pass.
+// race over the chunk's elements (argmin E_i / p_i), run by the draw's kWarps / kDraws
+// warps of the block holding the chunk (a vector a thread), picks the token with
+// probability p_i / S_t. Random numbers come from Philox keyed by (seed, offset) and
+// counted by (row, round, chunk or element), so the result does not depend on
+// scheduling. The test of round r's candidate shares round r+1's pass.
 // The blocks of a cluster push their sums into every block's shared memory and
 // each combines them in rank order, so all take the same decisions.
 // Each pass also counts the tokens and mass above a few pivot values: a pivot with
