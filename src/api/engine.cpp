@@ -1,4 +1,5 @@
 // Engine: spec -> plan -> source -> keys -> memory / bundle / disk / NVRTC -> Kernel.
+#include <algorithm>
 #include <cstdlib>
 #include <mutex>
 #include <optional>
@@ -137,7 +138,9 @@ struct Engine::Impl {
     a.info.registers = c.registers;
     a.info.spill_bytes = c.spill_bytes;
     a.info.stack_bytes = c.stack_bytes;
-    if (c.spill_bytes > 0) log::warn(fmt::format("{} on {} spills {} bytes per thread", a.info.entry, arch_name, c.spill_bytes));
+    if (c.stack_bytes > 0)
+      log::warn(fmt::format("{} on {} uses {} bytes of local memory per thread ({} of them spills)", a.info.entry, arch_name,
+                            c.stack_bytes, std::max(c.spill_bytes, 0)));
     if (disk) disk->store(a.info.key, {metadata(a, nvrtc, nvrtc_options), a.cubin});
     remember(a);
     return a;
