@@ -191,7 +191,17 @@ void Kernel::launch(std::span<const Arg> args, void* stream) const {
   if (grid[0] == 0 || grid[1] == 0 || grid[2] == 0) return;  // nothing to do (e.g. zero rows)
 
   const runtime::DriverApi& d = runtime::driver();
-  CUfunction f = s.function(runtime::current_device(), rule);
+  const int device = runtime::current_device();
+  CUfunction f = s.function(device, rule);
+  if (launch.persistent_blocks_per_sm > 0) {  // the work grid above, walked by at most k blocks per SM
+    const long long work = static_cast<long long>(grid[0]) * grid[1] * grid[2];
+    if (work > 0x7fffffffLL)  // the kernel counts its work items in an int
+      detail::argument_error(s.info, static_cast<std::size_t>(launch.grid[2].param >= 0 ? launch.grid[2].param : 0),
+                             fmt::format("is too large for one launch ({} work items, at most 2^31 - 1)", work));
+    const long long blocks = static_cast<long long>(runtime::multiprocessor_count(device)) * launch.persistent_blocks_per_sm;
+    grid[0] = static_cast<unsigned>(std::min(work, blocks));
+    grid[1] = grid[2] = 1;
+  }
   if (launch.waits_for_previous_grid && d.launch_kernel_ex) {
     CUlaunchAttribute overlap{};
     overlap.id = CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;

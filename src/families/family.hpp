@@ -39,6 +39,11 @@ struct LaunchRule {
   // before its first read), so it is launched to overlap that kernel's tail
   // (programmatic stream serialization) where the driver supports it.
   bool waits_for_previous_grid = false;
+  // > 0: a persistent kernel. The grid above is its work (blocks it would have launched);
+  // it is launched as min(work, this many blocks per SM) blocks along x, and each block
+  // walks the work items blockIdx.x, + gridDim.x, ... in the order of their linear index,
+  // recomputing the work grid from its own arguments.
+  int persistent_blocks_per_sm = 0;
 };
 
 struct KernelPlan {

@@ -2,6 +2,7 @@
 
 #include <dlfcn.h>
 
+#include <atomic>
 #include <mutex>
 
 #include <fmt/format.h>
@@ -122,6 +123,19 @@ DeviceInfo device_info(int ordinal) {
   check(d.device_attribute(&info.multiprocessors, CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, dev), "cuDeviceGetAttribute");
   check(d.device_memory(&info.memory_bytes, dev), "cuDeviceTotalMem");
   return info;
+}
+
+int multiprocessor_count(int ordinal) {
+  static std::atomic<int> counts[64] = {};
+  if (ordinal < 0 || ordinal >= 64) throw CudaError(fmt::format("device ordinal {} is out of range", ordinal));
+  int n = counts[ordinal].load(std::memory_order_relaxed);
+  if (n == 0) {
+    CUdevice dev;
+    check(driver().device_get(&dev, ordinal), "cuDeviceGet");
+    check(driver().device_attribute(&n, CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, dev), "cuDeviceGetAttribute");
+    counts[ordinal].store(n, std::memory_order_relaxed);
+  }
+  return n;
 }
 
 void use_device(int ordinal) {

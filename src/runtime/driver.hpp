@@ -65,6 +65,8 @@ struct DeviceInfo {
   std::size_t memory_bytes = 0;
 };
 DeviceInfo device_info(int ordinal);
+// The device's SM count, queried once per device (the launch path reads it).
+int multiprocessor_count(int ordinal);
 
 // The device of the calling thread's current context; with none current, makes
 // device 0's primary context current (as the CUDA runtime would) and returns 0.

@@ -88,6 +88,8 @@ double FieldReader::number(std::string_view name, double min, double max, std::o
   return x;
 }
 
+bool FieldReader::has(std::string_view name) const { return spec_.fields.contains(std::string(name)); }
+
 bool FieldReader::boolean(std::string_view name, std::optional<bool> fallback) {
   const json* v = find(name, !fallback);
   if (!v) return *fallback;

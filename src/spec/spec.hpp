@@ -41,6 +41,8 @@ class FieldReader {
                      std::optional<std::string_view> fallback = std::nullopt);
   DType dtype(std::string_view name, std::span<const DType> allowed,
               std::optional<DType> fallback = std::nullopt);
+  // Whether the spec gives the field (to refuse fields that do not go together).
+  bool has(std::string_view name) const;
   void finish();
 
   [[noreturn]] void fail(std::string_view name, const std::string& problem) const;
