@@ -5,6 +5,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <map>
+#include <memory>
 #include <numeric>
 #include <random>
 
@@ -23,6 +25,19 @@ namespace {
 kjit::Engine& engine() {
   static kjit::Engine instance;
   return instance;
+}
+
+// An engine compiling for another arch the device runs (sm_90 on an H100: the forms
+// without sm_90a's wgmma).
+kjit::Engine& engine_for_arch(const std::string& arch) {
+  static std::map<std::string, std::unique_ptr<kjit::Engine>> engines;
+  auto& e = engines[arch];
+  if (!e) {
+    kjit::EngineOptions options;
+    options.arch = arch;
+    e = std::make_unique<kjit::Engine>(options);
+  }
+  return *e;
 }
 
 void synchronize() { kjit::runtime::check(kjit::runtime::driver().ctx_synchronize(), "attention kernel"); }
@@ -558,6 +573,7 @@ struct PrefillCase {
   std::string layout = "NHD";
   bool combined = false;       // paged: K and V in one [pages, 2, ...] tensor
   std::string extra;           // more spec fields, e.g. R"(, "pack_gqa": false)"
+  std::string arch;            // compile for this arch instead of the device's (e.g. sm_90: no wgmma)
 
   std::string spec() const {
     return fmt::format(
@@ -646,7 +662,7 @@ void run_prefill_case(const PrefillCase& c, const std::vector<std::pair<std::int
   DeviceMemory out(std::max<std::size_t>(q.size() * 2, 2)), lse(std::max<std::size_t>(ref.lse.size() * 4, 4));
   out.fill(0xff);
   lse.fill(0xff);
-  kjit::Kernel prefill = engine().get(c.spec());
+  kjit::Kernel prefill = c.arch.empty() ? engine().get(c.spec()) : engine_for_arch(c.arch).get(c.spec());
   const auto batch = static_cast<std::int64_t>(lengths.size());
   std::vector<kjit::Arg> args{dq.get(), dk.get()};
   if (!c.combined) args.emplace_back(dv.get());
@@ -705,6 +721,47 @@ TEST_CASE("batch prefill matches float64 attention on ragged requests", "[gpu][a
     run_prefill_case(window5, lengths, rng);
   }
   run_prefill_case({32, 2, 128}, lengths, rng);
+  // The warp-specialized form: head dims, groups, masks, score options, paged layouts and
+  // page sizes, rows of one head, a group of 5, a long request (ring phases wrap), and on
+  // sm_90 (no wgmma) its mma.sync fallback.
+  {
+    const std::string ws = R"(, "warp_specialized": true)";
+    std::vector<PrefillCase> cases;
+    for (std::int64_t head_dim : {64, 128})
+      for (std::int64_t group : {1, 4, 8})
+        for (bool causal : {true, false}) cases.push_back({2 * group, 2, head_dim, causal});
+    cases.push_back({8, 2, 128, true, false});                 // float16
+    cases.push_back({8, 2, 128, true, true, 30.0});            // soft cap
+    cases.push_back({8, 2, 128, true, true, 0, 50});           // sliding window
+    cases.push_back({8, 2, 64, false, true, 30.0, 40, false});  // all of them, no lse
+    cases.push_back({10, 2, 128});                             // group 5
+    for (std::int64_t page_size : {1, 16, 64})
+      for (const char* layout : {"NHD", "HND"}) {
+        PrefillCase c{8, 2, 128};
+        c.page_size = page_size;
+        c.layout = layout;
+        cases.push_back(c);
+      }
+    PrefillCase combined{32, 8, 128};
+    combined.page_size = 16;
+    combined.combined = true;
+    cases.push_back(combined);
+    for (auto c : cases) {
+      c.extra = ws;
+      run_prefill_case(c, lengths, rng);
+    }
+    PrefillCase one_head{8, 2, 128};
+    one_head.extra = ws + R"(, "pack_gqa": false)";
+    run_prefill_case(one_head, lengths, rng);
+    run_prefill_case({32, 8, 128, true, true, 0, 0, true, 0, "NHD", false, ws}, {{1000, 1000}, {1, 3000}, {700, 2000}}, rng);
+    for (bool paged : {false, true}) {
+      PrefillCase fallback{8, 2, 128};
+      fallback.page_size = paged ? 16 : 0;
+      fallback.extra = ws;
+      fallback.arch = "sm_90";
+      run_prefill_case(fallback, lengths, rng);
+    }
+  }
   // Both tensor-core forms (wgmma where the GPU has it, and mma.sync) with both key tiles.
   for (bool warpgroup_mma : {true, false})
     for (int keys : {32, 64})

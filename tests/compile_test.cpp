@@ -218,6 +218,14 @@ TEST_CASE("every prefill variant in a representative grid compiles for sm_90a", 
   specs.push_back(R"({"op": "batch_prefill", "num_qo_heads": 32, "num_kv_heads": 8, "head_dim": 128, "dtype": "bfloat16", "paged": true, "page_size": 16, "kv_storage": "combined"})");
   for (const char* pack : {"true", "false"})
     specs.push_back(fmt::format(R"({{"op": "batch_prefill", "num_qo_heads": 64, "num_kv_heads": 2, "head_dim": 128, "dtype": "bfloat16", "pack_gqa": {}}})", pack));
+  // The warp-specialized form, every score option and K/V source.
+  for (int head_dim : {64, 128})
+    for (const char* more : {"", R"(, "causal": false, "pack_gqa": false)", R"(, "logits_soft_cap": 30, "sliding_window": 100)",
+                             R"(, "paged": true, "page_size": 16, "kv_layout": "HND", "logits_soft_cap": 30, "sliding_window": 100)",
+                             R"(, "paged": true, "page_size": 1, "kv_storage": "combined")"})
+      specs.push_back(fmt::format(
+          R"({{"op": "batch_prefill", "num_qo_heads": 32, "num_kv_heads": 8, "head_dim": {}, "dtype": "float16", "warp_specialized": true{}}})",
+          head_dim, more));
   // Both tensor-core forms (sm_90a's wgmma is the default), key tiles, warpgroups per block.
   for (const char* warpgroup_mma : {"true", "false"})
     for (int keys : {32, 64})
@@ -227,4 +235,12 @@ TEST_CASE("every prefill variant in a representative grid compiles for sm_90a", 
             warpgroup_mma, keys, warpgroups));
   auto [built, failures] = build_all(specs);
   for (const auto& f : failures) FAIL_CHECK(f);
+  // Without sm_90a the warp-specialized launch runs the mma.sync form on two warpgroups.
+  kjit::Engine engine(memory_only());
+  for (const char* arch : {"sm_80", "sm_90"}) {
+    INFO(arch);
+    auto a = engine.build(R"({"op": "batch_prefill", "num_qo_heads": 32, "num_kv_heads": 8, "head_dim": 128, "dtype": "bfloat16", "paged": true, "page_size": 16, "warp_specialized": true})", arch);
+    CHECK(a.info.stack_bytes == 0);
+    CHECK(a.info.registers <= 168);
+  }
 }

@@ -94,8 +94,16 @@ TEST_CASE("attention plans: prefill blocks and the merge's few-row form", "[spec
   const auto one = plan("{" + prefill + "}");
   CHECK_FALSE(one.spec.contains("warpgroups"));  // defaults stay out of the canonical spec
   CHECK_FALSE(one.spec.contains("warpgroup_mma"));
+  CHECK_FALSE(one.spec.contains("warp_specialized"));
   CHECK(one.launch.block[0] == 128);
   CHECK(one.launch.grid[2].divisor == 64 / 4);  // 64 rows of 16 queries x 4 heads per block
+  CHECK(one.launch.persistent_blocks_per_sm == 0);
+  const auto specialized = plan("{" + prefill + R"(, "warp_specialized": true})");
+  CHECK(specialized.spec["warp_specialized"] == true);
+  CHECK(specialized.launch.block[0] == 384);  // a copying and two MMA warpgroups
+  CHECK(specialized.launch.grid[2].divisor == 128 / 4);  // the work: 128 rows of 32 queries x 4 heads per item
+  CHECK(specialized.launch.persistent_blocks_per_sm == 1);
+  CHECK(specialized.launch.dynamic_shared_bytes == (128 + 2 * 3 * 128) * 128 * 2 + 1024 + 256);  // 3 K/V stages
   const auto two = plan("{" + prefill + R"(, "warpgroups": 2, "warpgroup_mma": false})");
   CHECK(two.spec["warpgroups"] == 2);
   CHECK(two.spec["warpgroup_mma"] == false);
@@ -206,6 +214,13 @@ TEST_CASE("spec refusals name the field, the value and what is allowed", "[spec]
   const std::string prefill = R"("op": "batch_prefill", "num_qo_heads": 32, "num_kv_heads": 8, "head_dim": 128, "dtype": "bfloat16")";
   CHECK_THAT(refusal("{" + prefill + R"(, "warpgroups": 3})"), Contains("field \"warpgroups\" = 3"));
   CHECK_THAT(refusal("{" + prefill + R"(, "warpgroup_mma": "yes"})"), Contains("field \"warpgroup_mma\""));
+  // The warp-specialized form: wgmma and head_dim <= 128 only; the other form's tuning
+  // fields choose that form, and with the field set they are refused by name.
+  CHECK_THAT(refusal(R"({"op": "batch_prefill", "num_qo_heads": 8, "num_kv_heads": 8, "head_dim": 256, "dtype": "bfloat16", "warp_specialized": true})"),
+             Contains("field \"warp_specialized\"") && Contains("needs head_dim <= 128, got 256"));
+  CHECK_THAT(refusal("{" + prefill + R"(, "warpgroup_mma": false, "warp_specialized": true})"),
+             Contains("field \"warp_specialized\"") && Contains("needs warpgroup_mma"));
+  CHECK_THAT(refusal("{" + prefill + R"(, "warp_specialized": true, "keys_per_tile": 64})"), Contains("field \"keys_per_tile\""));
   CHECK(refusal(R"([1, 2])") == "spec must be a JSON object, got array");
   CHECK(refusal(R"({"hidden_size": 4096})").find("spec has no \"op\" field") == 0);
   CHECK(refusal("{\"op\": \"rmsnorm\",\n \"hidden_size\": 4096,,}").find("spec is not valid JSON: parse error at line 2, column 22") == 0);

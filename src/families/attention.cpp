@@ -19,7 +19,11 @@
 //     tuning: keys_per_tile (32 | 64), pack_gqa (default true where the group is <= 64:
 //     a block's rows are (query, head) pairs of one KV head's group), warpgroup_mma
 //     (default true: sm_90a's wgmma where head_dim <= 128, else mma.sync), warpgroups
-//     (1 | 2: blocks of 64 or 128 query rows sharing each K/V tile)
+//     (1 | 2: blocks of 64 or 128 query rows sharing each K/V tile), warp_specialized
+//     (default false; true: a persistent kernel, one block per SM, in which a warpgroup
+//     copies K/V tiles of 128 keys for two wgmma warpgroups of 64 rows; needs
+//     warpgroup_mma and head_dim <= 128, excludes keys_per_tile and warpgroups; without
+//     sm_90a the block runs the mma.sync form on two of its warpgroups)
 //   {"op": "append_paged_kv_cache", "num_kv_heads": 8, "head_dim": 128, "page_size": 16,
 //    "dtype": "bfloat16"}    (kv_layout, kv_storage as above; dtype may be float8_e4m3)
 //   {"op": "merge_states" | "merge_state", "num_heads": 32, "head_dim": 128,
@@ -183,6 +187,19 @@ class AttentionFamily final : public Family {
     // Warpgroups (64 query rows each) per block, sharing every K/V tile.
     const std::int64_t default_warpgroups = 1;
     const std::int64_t warpgroups = fields.integer("warpgroups", 1, 2, default_warpgroups);
+    // The warp-specialized form (a copying warpgroup feeding two wgmma warpgroups, 128-key
+    // tiles; prefill_warp_specialized.cuh), on request: it is faster for one long request
+    // (causal 8192: 474 against 459 TFLOP/s) but not yet for ragged batches, paged K/V or
+    // append attention (docs/benchmarks.md). keys_per_tile and warpgroups tune the other form.
+    const bool can_specialize = warpgroup_mma && a.head_dim <= 128;
+    const bool tunes_other_form = fields.has("keys_per_tile") || fields.has("warpgroups");
+    const bool warp_specialized = fields.boolean("warp_specialized", false);
+    if (warp_specialized && !can_specialize)
+      fields.fail("warp_specialized", warpgroup_mma ? fmt::format("needs head_dim <= 128, got {}", a.head_dim)
+                                                    : std::string("needs warpgroup_mma"));
+    if (warp_specialized && tunes_other_form)
+      fields.fail(fields.has("keys_per_tile") ? "keys_per_tile" : "warpgroups",
+                  "tunes the form without warp specialization (\"warp_specialized\": false)");
     fields.finish();
     const auto [qo_heads, kv_heads, head_dim, dtype, return_lse, soft_cap, window] = a;
 
@@ -193,6 +210,7 @@ class AttentionFamily final : public Family {
     if (pack_gqa != can_pack) plan.spec["pack_gqa"] = pack_gqa;
     if (!warpgroup_mma) plan.spec["warpgroup_mma"] = false;
     if (warpgroups != default_warpgroups) plan.spec["warpgroups"] = warpgroups;
+    if (warp_specialized) plan.spec["warp_specialized"] = true;
     if (paged)
       plan.spec.update({{"paged", true}, {"page_size", page_size}, {"kv_layout", layout},
                         {"kv_storage", combined ? "combined" : "separate"}});
@@ -220,14 +238,23 @@ class AttentionFamily final : public Family {
     p.push_back(integer_param("max_qo_len", 0, std::numeric_limits<std::int32_t>::max()));  // the longest request's queries
     p.push_back(real_param("sm_scale"));
 
-    // 64 query rows per warpgroup; K/V tiles double-buffered.
-    const std::int64_t rows = 64 * warpgroups;
+    // 64 query rows per MMA warpgroup; K/V tiles double-buffered (Q, 2 K and 2 V tiles, 1 KB
+    // to align them); warp-specialized: two MMA warpgroups, a copying one, 128-key tiles
+    // and 256 bytes of mbarriers.
+    const std::int64_t rows = warp_specialized ? 128 : 64 * warpgroups;
+    const std::int64_t tile_keys = warp_specialized ? 128 : keys;
+    const std::int64_t threads = warp_specialized ? 384 : 128 * warpgroups;
+    // Warp-specialized: as many K/V stages (a K and a V tile each) as the 227 KB an SM gives
+    // a block holds, at most 4 (3 at head_dim 128).
+    const std::int64_t stages =
+        warp_specialized ? std::min<std::int64_t>(4, (227 * 1024 - rows * head_dim * 2 - 1024 - 256) / (2 * tile_keys * head_dim * 2)) : 2;
+    const std::int64_t shared_bytes = (rows + 2 * stages * tile_keys) * head_dim * 2 + 1024 + (warp_specialized ? 256 : 0);
     plan.template_params.update({{"causal", causal}, {"paged", paged}, {"page_size", page_size}, {"kv_layout", layout},
                                  {"combined", combined}, {"pack_gqa", pack_gqa}, {"warpgroup_mma", warpgroup_mma}, {"warpgroups", warpgroups},
-                                 {"rows_per_block", rows}, {"keys_per_tile", keys},
-                                 {"shared_bytes", (rows + 4 * keys) * head_dim * 2 + 1024}});
-    plan.launch.block[0] = static_cast<std::uint32_t>(128 * warpgroups);
-    plan.launch.dynamic_shared_bytes = static_cast<std::uint32_t>((rows + 4 * keys) * head_dim * 2 + 1024);
+                                 {"warp_specialized", warp_specialized}, {"rows_per_block", rows}, {"keys_per_tile", tile_keys},
+                                 {"threads", threads}, {"stages", stages}, {"shared_bytes", shared_bytes}});
+    plan.launch.block[0] = static_cast<std::uint32_t>(threads);
+    plan.launch.dynamic_shared_bytes = static_cast<std::uint32_t>(shared_bytes);
     // Packed: ceil(max_qo_len * group / 64) tiles, as ceil(max_qo_len / (64 / group)) (a few
     // idle blocks when group does not divide 64); one block row per KV head.
     const std::int64_t group = qo_heads / kv_heads;
@@ -236,6 +263,9 @@ class AttentionFamily final : public Family {
     plan.launch.grid[0] = GridDim{-1, 1, static_cast<std::uint32_t>(pack_gqa ? kv_heads : qo_heads)};
     plan.launch.grid[1] = GridDim{param_index(p, "batch_size"), 1};
     plan.launch.grid[2] = GridDim{param_index(p, "max_qo_len"), pack_gqa ? rows / group : rows};
+    // Warp-specialized: persistent, one block per SM walking the grid above, so a block's
+    // copies of its next item overlap the end of its current one.
+    if (warp_specialized) plan.launch.persistent_blocks_per_sm = 1;
     return plan;
   }
 

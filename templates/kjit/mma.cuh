@@ -32,6 +32,12 @@ __device__ __forceinline__ void copy_async(void* shared_dst, const void* global_
                  : "memory");
 }
 __device__ __forceinline__ void copy_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+// One arrival on an mbarrier once every cp.async this thread issued so far has landed
+// (the barrier's count includes it: .noinc), so a copying thread never waits itself.
+__device__ __forceinline__ void copy_arrive(unsigned long long* barrier) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(shared_address(barrier)) : "memory");
+}
+__device__ __forceinline__ void copy_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
 template <int kPending>
 __device__ __forceinline__ void copy_wait() {
   asm volatile("cp.async.wait_group %0;" ::"n"(kPending) : "memory");

@@ -143,6 +143,11 @@ struct BatchPrefill {
                          });
   }
 
+  // A barrier over this form's kThreads threads (barrier 1), so it also runs as the first
+  // kThreads threads of a larger block whose other threads have left (the warp-specialized
+  // form's fallback).
+  static __device__ __forceinline__ void sync_threads() { asm volatile("bar.sync 1, %0;" ::"n"(kThreads) : "memory"); }
+
   // Probabilities of keys 16 kk .. 16 kk + 15 (score groups 2 kk and 2 kk + 1) as the A
   // fragment of P V: the accumulator layout of S is the A layout of P (mma.cuh).
   static __device__ __forceinline__ void probability_fragment(const float (&s)[kKeys / 8][4], int kk, unsigned (&a)[4]) {
@@ -153,22 +158,30 @@ struct BatchPrefill {
   }
 
   // kv_indices and kv_last_page_len: paged K/V only (null for ragged).
+  // Grid (head, request, row tile), row tiles slowest and last first: blocks start in
+  // order of their linear index, so every request's longest causal tiles start first.
   static __device__ void run(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                              const int* __restrict__ qo_indptr, const int* __restrict__ kv_indptr,
                              const int* __restrict__ kv_indices, const int* __restrict__ kv_last_page_len,
                              T* __restrict__ o, float* __restrict__ lse, float sm_scale, float soft_cap) {
+    run_block(blockIdx.x, blockIdx.y, gridDim.z - 1 - blockIdx.z, q, k, v, qo_indptr, kv_indptr, kv_indices, kv_last_page_len, o,
+              lse, sm_scale, soft_cap);
+  }
+  // One block's work: head block (a KV head's group when packed, else a query head),
+  // request b, row tile `tile`.
+  static __device__ __forceinline__ void run_block(int head_block, int b, int tile, const T* __restrict__ q,
+                                                   const T* __restrict__ k, const T* __restrict__ v,
+                                                   const int* __restrict__ qo_indptr, const int* __restrict__ kv_indptr,
+                                                   const int* __restrict__ kv_indices, const int* __restrict__ kv_last_page_len,
+                                                   T* __restrict__ o, float* __restrict__ lse, float sm_scale, float soft_cap) {
     const float kNegInf = -__int_as_float(0x7f800000);
     extern __shared__ __align__(128) unsigned char dynamic_shared[];
     T* q_tile = reinterpret_cast<T*>(dynamic_shared + (-mma::shared_address(dynamic_shared) & 1023u));
     T* k_tiles = q_tile + kRows * kHeadDim;      // 2 buffers of kKeys x kHeadDim (tile_offset's layout)
     T* v_tiles = k_tiles + 2 * kKeys * kHeadDim;  // 2 buffers of kKeys x kHeadDim
 
-    // Grid (head, request, row tile), row tiles slowest and last first: blocks start in
-    // order of their linear index, so every request's longest causal tiles start first.
-    const int tile = gridDim.z - 1 - blockIdx.z;
-    const int b = blockIdx.y;
-    const int kv_head = kPackGqa ? blockIdx.x : blockIdx.x / kGroup;
-    const int head0 = kPackGqa ? blockIdx.x * kGroup : blockIdx.x;  // the head of row p is head0 + p % kRowsPerQuery
+    const int kv_head = kPackGqa ? head_block : head_block / kGroup;
+    const int head0 = kPackGqa ? head_block * kGroup : head_block;  // the head of row p is head0 + p % kRowsPerQuery
     const int q_begin = qo_indptr[b], qo_len = qo_indptr[b + 1] - q_begin;
     const Kv kv(kv_indptr, kv_last_page_len, b);
     const int kv_len = kv.length();
@@ -247,7 +260,7 @@ struct BatchPrefill {
       mma::copy_commit();
       mma::copy_wait<1>();
       if constexpr (kWgmma) wgmma::fence_shared_for_async_reads();
-      __syncthreads();
+      sync_threads();
       if constexpr (kQInRegisters) {
         if (j == first_tile) {
 #pragma unroll
@@ -375,7 +388,7 @@ struct BatchPrefill {
         }
       }
       }
-      __syncthreads();  // the buffer is refilled next iteration
+      sync_threads();  // the buffer is refilled next iteration
     }
     mma::copy_wait<0>();
 

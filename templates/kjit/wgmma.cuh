@@ -46,6 +46,18 @@ __device__ __forceinline__ void fence_shared_for_async_reads() {
   asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
 }
 
+// Warp specialization: a warpgroup gives registers back (a copying warpgroup) or takes
+// them (the MMA warpgroups), so one block of 3 warpgroups can give 2 of them more than
+// the 168 an even split allows. Every thread of the warpgroup executes it.
+template <int kRegisters>
+__device__ __forceinline__ void lower_registers() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(kRegisters));
+}
+template <int kRegisters>
+__device__ __forceinline__ void raise_registers() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(kRegisters));
+}
+
 // Keeps the compiler from reading or moving accumulators while a wgmma writes them.
 template <int kGroups>
 __device__ __forceinline__ void hold(float (&d)[kGroups][4]) {

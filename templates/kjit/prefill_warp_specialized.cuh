@@ -1,0 +1,461 @@
+// Prefill attention on sm_90a with warp specialization (FlashAttention-3's plan): one
+// warpgroup only copies, two only multiply, and they hand K/V tiles over through mbarriers.
+//
+// Persistent: one block of 3 warpgroups per SM walks the work items (head block, request,
+// 128-row tile) in BatchPrefill's block order, so the copies of its next item overlap the
+// end of the current one.
+// - warpgroup 0, the producer, gives most of its registers back (setmaxnreg) and copies Q,
+//   then the K and V tiles of 128 keys (K_j before V_{j-1}, the order they are used) into
+//   a ring of kStages stages with cp.async; each copy arrives on its stage's `full`
+//   barrier when it lands (cp.async.mbarrier.arrive), so the producer never waits for its
+//   own copies, only for a stage to be released. cp.async by 128 threads (not TMA) keeps
+//   ragged and paged K/V one code path (BatchPrefill's KvSource).
+// - warpgroups 1 and 2, the consumers, take 224 registers each and own 64 query rows; they
+//   run both GEMMs as wgmma (S = Q K^T from shared memory, O += P V with P in registers)
+//   with the softmax of tile j overlapped with P V of tile j - 1: S_j is issued, then
+//   P_{j-1} V_{j-1}; S_j's softmax runs while P V is in flight, and O is rescaled after it.
+//   They take turns issuing (named barriers). A consumer releases a K stage after its S, a
+//   V stage after its P V, Q after the item's last S (one arrival a warp).
+//
+// Masks, the online softmax (a reference maximum moved only past a slack of 2^8), rows as
+// (query, head) pairs with GQA packing, the lse and the output are BatchPrefill's
+// (prefill.cuh). Without sm_90a the block runs BatchPrefill's mma.sync form on 2 of its
+// warpgroups (same 128-row items), so one launch shape serves every architecture.
+#pragma once
+
+#include "kjit/cluster.cuh"
+#include "kjit/prefill.cuh"
+
+namespace kjit::attention {
+
+template <typename T, int kHeadDim, int kQoHeads, int kKvHeads, bool kCausal, bool kSoftCap, int kWindow, bool kLse,
+          typename KvSource, bool kPackGqa, int kStages_ = 2>
+struct WarpSpecializedPrefill {
+  using Kv = KvSource;
+  static constexpr int kConsumers = 2;                 // warpgroups of 64 query rows
+  static constexpr int kThreads = 128 * (1 + kConsumers);
+  static constexpr int kRows = 64 * kConsumers;        // query rows per block
+  static constexpr int kKeys = 128;                    // keys per K/V tile
+  // K/V tiles in the ring: as many as shared memory holds (the plan's choice: 3 at d128,
+  // 4 at d64). With 2 the MMA warpgroups waited for K tiles (ncu: 22 polls of the barrier
+  // per tile).
+  static constexpr int kStages = kStages_;
+  static constexpr int kMinBlocksPerSm = 1;
+  static constexpr int kChunks = kHeadDim / 8;         // 16-byte chunks per row
+  static constexpr int kGroup = kQoHeads / kKvHeads;
+  static constexpr int kRowsPerQuery = kPackGqa ? kGroup : 1;
+  static constexpr int kTileElements = kKeys * kHeadDim;
+  // Q, the K and V rings, 1 KB to align them to 1024 bytes (the wgmma swizzle works on
+  // address bits) and the barriers.
+  static constexpr int kBarrierBytes = 256;
+  static_assert((2 + 4 * kStages) * 8 <= kBarrierBytes, "the barriers fit");
+  static constexpr int kSharedBytes = (kRows + 2 * kStages * kKeys) * kHeadDim * 2 + 1024 + kBarrierBytes;
+  // 128 x 56 + 256 x 224 registers <= 65536: a consumer holds S (64 floats), P (32) and O
+  // (head_dim / 2) at once (at 168 it spills, at 200 it does with a soft cap and a window).
+  static constexpr int kProducerRegisters = 56, kConsumerRegisters = 224;
+  static constexpr float kLog2e = 1.4426950408889634f;
+  static_assert(sizeof(T) == 2, "16-bit inputs");
+  static_assert(kHeadDim == 64 || kHeadDim == 128, "the consumers' O accumulators fit head_dim <= 128");
+
+  // Without sm_90a: the FlashAttention-2 form with mma.sync on the first 2 warpgroups.
+  using Fallback = BatchPrefill<T, kHeadDim, kQoHeads, kKvHeads, kCausal, kSoftCap, kWindow, kLse, /*keys=*/32, KvSource,
+                                kPackGqa, /*warpgroup_mma=*/false, /*warpgroups=*/kConsumers>;
+  static_assert(Fallback::kRows == kRows && Fallback::kSharedBytes <= kSharedBytes && Fallback::kThreads <= kThreads,
+                "the fallback fits the launch");
+
+  // Producer: rows [first, first + kTileRows) of a tile in the wgmma layout, row r read at
+  // row_offset(r), zero-filled from `valid` on. Thread p copies chunk p % kChunks of rows
+  // p / kChunks + n * kRowStep (a multiple of 8, so one swizzle for all of them); offsets
+  // are computed 4 rows at a time before their copies, so page-table reads overlap (a
+  // loop, not unrolled: unrolled, the offsets of every row were kept live and spilled).
+  static constexpr int kRowStep = 128 / kChunks;
+  template <int kTileRows, typename RowOffset>
+  static __device__ __forceinline__ void copy_rows(T* tile, const T* base, RowOffset row_offset, int first, int valid) {
+    constexpr int kSteps = kTileRows / kRowStep, kBatch = 4;
+    static_assert(kRowStep % 8 == 0 && kSteps % kBatch == 0, "whole batches of rows");
+    const int p = threadIdx.x, chunk = p % kChunks, row = p / kChunks;
+    T* dst = tile + wgmma::swizzled_offset<kTileRows>(row, chunk * 8);
+#pragma unroll 1
+    for (int n0 = 0; n0 < kSteps; n0 += kBatch) {
+      long long offset[kBatch];
+      bool ok[kBatch];
+#pragma unroll
+      for (int n = 0; n < kBatch; ++n) {
+        const int r = first + row + (n0 + n) * kRowStep;
+        ok[n] = r < valid;
+        offset[n] = ok[n] ? row_offset(r) + chunk * 8 : 0;
+      }
+#pragma unroll
+      for (int n = 0; n < kBatch; ++n) mma::copy_async(dst + (n0 + n) * kRowStep * 64, base + offset[n], ok[n]);
+    }
+  }
+
+  // The fallback's item, not inlined: inlined into the item loop it spilled on sm_80.
+  static __device__ __noinline__ void fallback_block(int head_block, int b, int tile, const T* __restrict__ q,
+                                                     const T* __restrict__ k, const T* __restrict__ v,
+                                                     const int* __restrict__ qo_indptr, const int* __restrict__ kv_indptr,
+                                                     const int* __restrict__ kv_indices,
+                                                     const int* __restrict__ kv_last_page_len, T* __restrict__ o,
+                                                     float* __restrict__ lse, float sm_scale, float soft_cap) {
+    Fallback::run_block(head_block, b, tile, q, k, v, qo_indptr, kv_indptr, kv_indices, kv_last_page_len, o, lse, sm_scale,
+                        soft_cap);
+  }
+
+  template <bool kValue>
+  struct Flag {
+    static constexpr bool value = kValue;
+  };
+  // The consumers take turns issuing their GEMMs (named barriers 2 and 3, 256 threads: the
+  // waiting warpgroup and the one passing the turn), so one's softmax runs under the
+  // other's GEMMs instead of both competing for the tensor cores, then both idling them.
+  static __device__ __forceinline__ void wait_turn(int consumer) {
+    asm volatile("bar.sync %0, 256;" ::"r"(2 + consumer) : "memory");
+  }
+  static __device__ __forceinline__ void pass_turn(int consumer) {
+    asm volatile("bar.arrive %0, 256;" ::"r"(2 + (1 - consumer)) : "memory");
+  }
+
+  // One work item: (head block, request, row tile), as BatchPrefill's grid would launch
+  // them; both roles derive the same fields, so they walk the same items and tiles.
+  struct WorkItem {
+    int b, kv_head, head0, q_begin, rows, row0, shift, first_tile, end_tile;
+    __device__ __forceinline__ bool has_tiles() const { return first_tile < end_tile; }
+  };
+  static constexpr int kHeadBlocks = kPackGqa ? kKvHeads : kQoHeads;
+  static constexpr int kQueriesPerTile = kPackGqa ? kRows / kGroup : kRows;  // the plan's grid z divisor
+  // Work items in the order of BatchPrefill's blocks: heads fastest, then requests, then
+  // row tiles from the last, so every request's longest causal tiles start first.
+  static __device__ __forceinline__ WorkItem work_item(int index, int batch, int row_tiles, const int* qo_indptr,
+                                                       const int* kv_indptr, const int* kv_last_page_len, int& kv_len) {
+    WorkItem w;
+    const int head_block = index % kHeadBlocks;
+    w.b = (index / kHeadBlocks) % batch;
+    const int tile = row_tiles - 1 - index / (kHeadBlocks * batch);
+    w.kv_head = kPackGqa ? head_block : head_block / kGroup;
+    w.head0 = kPackGqa ? head_block * kGroup : head_block;
+    w.q_begin = qo_indptr[w.b];
+    const int qo_len = qo_indptr[w.b + 1] - w.q_begin;
+    kv_len = Kv(kv_indptr, kv_last_page_len, w.b).length();
+    w.rows = qo_len * kRowsPerQuery;
+    w.row0 = tile * kRows;
+    w.shift = kv_len - qo_len;
+    w.first_tile = w.end_tile = 0;
+    if (w.row0 >= w.rows) return w;
+    const int first_query = w.row0 / kRowsPerQuery, last_query = (min(w.row0 + kRows, w.rows) - 1) / kRowsPerQuery;
+    const int key_end = kCausal ? max(0, min(kv_len, last_query + w.shift + 1)) : kv_len;
+    const int key_begin = kWindow > 0 ? max(0, first_query + w.shift - kWindow + 1) : 0;
+    w.first_tile = key_begin / kKeys;
+    w.end_tile = (key_end + kKeys - 1) / kKeys;
+    return w;
+  }
+
+  // Persistent: gridDim.x blocks walk the work items index = blockIdx.x, + gridDim.x, ...
+  // (the launch: one block per SM), so the producer copies the next item's Q and K/V while
+  // the consumers finish the last one.
+  static __device__ void run(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+                             const int* __restrict__ qo_indptr, const int* __restrict__ kv_indptr,
+                             const int* __restrict__ kv_indices, const int* __restrict__ kv_last_page_len,
+                             T* __restrict__ o, float* __restrict__ lse, float sm_scale, float soft_cap, long long batch_size,
+                             long long max_qo_len) {
+#if !defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    if (threadIdx.x >= Fallback::kThreads) return;
+#pragma unroll 1
+    for (int index = blockIdx.x; index < kHeadBlocks * static_cast<int>(batch_size) *
+                                              static_cast<int>((max_qo_len + kQueriesPerTile - 1) / kQueriesPerTile);
+         index += gridDim.x) {
+      const int head_block = index % kHeadBlocks, b = (index / kHeadBlocks) % static_cast<int>(batch_size);
+      const int tile = static_cast<int>((max_qo_len + kQueriesPerTile - 1) / kQueriesPerTile) - 1 -
+                       index / (kHeadBlocks * static_cast<int>(batch_size));
+      fallback_block(head_block, b, tile, q, k, v, qo_indptr, kv_indptr, kv_indices, kv_last_page_len, o, lse, sm_scale,
+                          soft_cap);
+      Fallback::sync_threads();  // shared memory is reused by the next item
+    }
+#else
+    const int batch = static_cast<int>(batch_size);
+    const int row_tiles = static_cast<int>((max_qo_len + kQueriesPerTile - 1) / kQueriesPerTile);
+    const int items = kHeadBlocks * batch * row_tiles;
+    const float kNegInf = -__int_as_float(0x7f800000);
+    extern __shared__ __align__(128) unsigned char dynamic_shared[];
+    T* q_tile = reinterpret_cast<T*>(dynamic_shared + (-mma::shared_address(dynamic_shared) & 1023u));
+    T* k_tiles = q_tile + kRows * kHeadDim;
+    T* v_tiles = k_tiles + kStages * kTileElements;
+    // Barriers: Q landed / released; per stage K and V landed (128 producer arrivals) and
+    // released (one arrival per consumer warp).
+    unsigned long long* q_full = reinterpret_cast<unsigned long long*>(v_tiles + kStages * kTileElements);
+    unsigned long long* q_empty = q_full + 1;
+    unsigned long long* k_full = q_empty + 1;
+    unsigned long long* v_full = k_full + kStages;
+    unsigned long long* k_empty = v_full + kStages;
+    unsigned long long* v_empty = k_empty + kStages;
+    if (threadIdx.x == 0) {
+      bulk::barrier_init(q_full, 128);
+      bulk::barrier_init(q_empty, 4 * kConsumers);
+      for (int s = 0; s < kStages; ++s) {
+        bulk::barrier_init(&k_full[s], 128);
+        bulk::barrier_init(&v_full[s], 128);
+        bulk::barrier_init(&k_empty[s], 4 * kConsumers);
+        bulk::barrier_init(&v_empty[s], 4 * kConsumers);
+      }
+    }
+    __syncthreads();
+    const int warpgroup = threadIdx.x / 128;
+
+    // Ring positions run on across items: tile n of the block uses stage n % kStages in
+    // round n / kStages (a barrier's phase parity); Q's round is the item's count.
+    if (warpgroup == 0) {
+      wgmma::lower_registers<kProducerRegisters>();
+      int tile_count = 0, q_round = 0;
+      for (int index = blockIdx.x; index < items; index += gridDim.x) {
+        int kv_len;
+        const WorkItem w = work_item(index, batch, row_tiles, qo_indptr, kv_indptr, kv_last_page_len, kv_len);
+        if (!w.has_tiles()) continue;
+        const Kv kv(kv_indptr, kv_last_page_len, w.b);
+        bulk::barrier_wait(q_empty, (q_round++ & 1) ^ 1);  // a fresh barrier's "previous" phase has completed
+        copy_rows<kRows>(q_tile, q, [&](int row) {
+          return (static_cast<long long>(w.q_begin + row / kRowsPerQuery) * kQoHeads + w.head0 + row % kRowsPerQuery) * kHeadDim;
+        }, w.row0, w.rows);
+        mma::copy_arrive(q_full);
+        auto kv_offset = [&](int key) { return kv.offset(kv_indices, key, w.kv_head); };
+        // In the order the consumers use them: K_0, then K_j before V_{j-1}.
+        for (int j = w.first_tile; j <= w.end_tile; ++j) {
+          if (j < w.end_tile) {
+            const int n = tile_count + (j - w.first_tile), stage = n % kStages;
+            bulk::barrier_wait(&k_empty[stage], ((n / kStages) & 1) ^ 1);  // a fresh barrier's "previous" phase has completed
+            copy_rows<kKeys>(k_tiles + stage * kTileElements, k, kv_offset, j * kKeys, kv_len);
+            mma::copy_arrive(&k_full[stage]);
+          }
+          if (j > w.first_tile) {
+            const int n = tile_count + (j - 1 - w.first_tile), stage = n % kStages;
+            bulk::barrier_wait(&v_empty[stage], ((n / kStages) & 1) ^ 1);
+            copy_rows<kKeys>(v_tiles + stage * kTileElements, v, kv_offset, (j - 1) * kKeys, kv_len);
+            mma::copy_arrive(&v_full[stage]);
+          }
+        }
+        tile_count += w.end_tile - w.first_tile;
+      }
+      mma::copy_wait_all();  // nothing in flight into shared memory when the warpgroup leaves
+      return;
+    }
+
+    wgmma::raise_registers<kConsumerRegisters>();
+    const int consumer = warpgroup - 1;
+    const int warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
+    const int g = lane / 4, t = lane % 4;
+    // wgmma operands (BatchPrefill's layout): Q K-major, this warpgroup's rows 64 on; K
+    // tiles K-major; V tiles MN-major, the next 64 dims kKeys * 128 bytes on.
+    const unsigned long long q_descriptor = wgmma::descriptor(q_tile, 16, 1024) + consumer * 64 * 128 / 16;
+    const unsigned long long k_descriptor = wgmma::descriptor(k_tiles, 16, 1024);
+    const unsigned long long v_descriptor = wgmma::descriptor(v_tiles, kKeys * 128, 1024);
+    const float scale = kSoftCap ? sm_scale / soft_cap : sm_scale * kLog2e;
+    auto release = [&](unsigned long long* barrier) {
+      __syncwarp();
+      if (lane == 0) bulk::barrier_arrive(barrier);
+    };
+    int tile_count = 0, q_round = 0;
+    if (consumer == 1) pass_turn(consumer);  // consumer 0 issues first
+    for (int index = blockIdx.x; index < items; index += gridDim.x) {
+      int kv_len;
+      const WorkItem w = work_item(index, batch, row_tiles, qo_indptr, kv_indptr, kv_last_page_len, kv_len);
+      if (w.row0 >= w.rows) continue;
+      const int rows = w.rows, shift = w.shift;
+      const int wg_row0 = w.row0 + consumer * 64;  // this warpgroup's rows
+      const int wg_first_query = wg_row0 / kRowsPerQuery;
+      const int wg_last_query = (min(wg_row0 + 64, rows) - 1) / kRowsPerQuery;  // (past the request: all rows masked)
+      const bool partial_rows = wg_row0 + 64 > rows;
+      const int mask_after = kCausal ? wg_first_query + shift : kv_len - 1;  // keys past it need the mask
+      int last_key[2], first_key[2];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int row = wg_row0 + warp * 16 + g + 8 * r, query_end = row / kRowsPerQuery + shift;
+        last_key[r] = row >= rows ? -1 : kCausal ? query_end : kv_len - 1;
+        first_key[r] = kWindow > 0 && !kCausal ? query_end - kWindow + 1 : 0;
+      }
+
+      auto issue_scores = [&](float (&s)[kKeys / 8][4], int stage) {
+        wgmma::fence();
+#pragma unroll
+        for (int kk = 0; kk < kHeadDim / 16; ++kk)
+          wgmma::mma_shared<T, kKeys>(s, q_descriptor + ((kk / 4) * kRows * 128 + (kk % 4) * 32) / 16,
+                                      k_descriptor + (stage * kTileElements * 2 + (kk / 4) * kKeys * 128 + (kk % 4) * 32) / 16,
+                                      kk > 0);
+        wgmma::commit();
+      };
+      float o_acc[kHeadDim / 8][4];
+#pragma unroll
+      for (int i = 0; i < kHeadDim / 8; ++i) o_acc[i][0] = o_acc[i][1] = o_acc[i][2] = o_acc[i][3] = 0.f;
+      unsigned p[kKeys / 16][4];  // probabilities of the tile whose P V is next, as A fragments
+      auto issue_accumulate = [&](int stage) {
+        // P and O settled in registers before the fence (it orders only what precedes it).
+#pragma unroll
+        for (int kk = 0; kk < kKeys / 16; ++kk)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) asm volatile("" : "+r"(p[kk][e])::"memory");
+        wgmma::hold(o_acc);
+        wgmma::fence();
+#pragma unroll
+        for (int kk = 0; kk < kKeys / 16; ++kk)
+          wgmma::mma_registers<T, kHeadDim, /*transpose_b=*/true>(o_acc, p[kk],
+                                                                  v_descriptor + (stage * kTileElements * 2 + kk * 16 * 128) / 16);
+        wgmma::commit();
+      };
+
+      float m[2] = {kNegInf, kNegInf}, l[2] = {0.f, 0.f};
+      // Masks tile j's scores, moves the reference maxima (l rescaled now, O by the returned
+      // alpha once its P V has landed) and turns the scores into probabilities.
+      // Two copies, with and without the mask: as one, the compiler computed the mask for
+      // every tile (predicated selects), which was a third of the softmax's instructions.
+      auto softmax_tile = [&](auto masked, float (&s)[kKeys / 8][4], int j, float (&alpha)[2]) {
+        constexpr bool need_mask = decltype(masked)::value;
+        const int key0 = j * kKeys;
+#pragma unroll
+        for (int n = 0; n < kKeys / 8; ++n)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            float x = s[n][e];
+            if constexpr (kSoftCap) x = soft_cap * kLog2e * tanhf(x * scale);
+            if constexpr (need_mask) {
+              const int key = key0 + n * 8 + 2 * t + (e & 1);
+              bool ok = key <= last_key[e / 2];
+              if constexpr (kWindow > 0) ok = ok && key >= (kCausal ? last_key[e / 2] - kWindow + 1 : first_key[e / 2]);
+              if (!ok) x = kNegInf;
+            }
+            s[n][e] = x;
+          }
+        // Row maxima and sums as trees over the row's 32 values (a chain of 32 dependent
+        // fmaxf / adds per row was the softmax's critical path).
+        constexpr int kPairs = kKeys / 16;
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          float part[kPairs];
+#pragma unroll
+          for (int i = 0; i < kPairs; ++i)
+            part[i] = fmaxf(fmaxf(s[2 * i][2 * r], s[2 * i][2 * r + 1]), fmaxf(s[2 * i + 1][2 * r], s[2 * i + 1][2 * r + 1]));
+#pragma unroll
+          for (int width = kPairs / 2; width >= 1; width /= 2)
+#pragma unroll
+            for (int i = 0; i < width; ++i) part[i] = fmaxf(part[i], part[i + width]);
+          float mx = part[0];
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+          constexpr float kSlack = 8.f;
+          const float exp_scale = kSoftCap ? 1.f : scale;
+          const float m_max = fmaxf(m[r], mx * exp_scale);
+          alpha[r] = 1.f;
+          if (m_max > m[r] + kSlack) {
+            alpha[r] = mma::fast_exp2(m[r] - m_max);
+            m[r] = m_max;
+            l[r] *= alpha[r];
+          }
+          const float base = m[r] == kNegInf ? 0.f : m[r];
+#pragma unroll
+          for (int n = 0; n < kKeys / 8; ++n) {
+            s[n][2 * r] = mma::fast_exp2(fmaf(s[n][2 * r], exp_scale, -base));
+            s[n][2 * r + 1] = mma::fast_exp2(fmaf(s[n][2 * r + 1], exp_scale, -base));
+          }
+#pragma unroll
+          for (int i = 0; i < kPairs; ++i)
+            part[i] = (s[2 * i][2 * r] + s[2 * i][2 * r + 1]) + (s[2 * i + 1][2 * r] + s[2 * i + 1][2 * r + 1]);
+#pragma unroll
+          for (int width = kPairs / 2; width >= 1; width /= 2)
+#pragma unroll
+            for (int i = 0; i < width; ++i) part[i] += part[i + width];
+          l[r] += part[0];
+        }
+      };
+      auto softmax = [&](float (&s)[kKeys / 8][4], int j, float (&alpha)[2]) {
+        const int key0 = j * kKeys;
+        if (key0 + kKeys - 1 > mask_after || (kWindow > 0 && key0 <= wg_last_query + shift - kWindow) || partial_rows)
+          softmax_tile(Flag<true>{}, s, j, alpha);
+        else
+          softmax_tile(Flag<false>{}, s, j, alpha);
+      };
+      // P from the probabilities (the accumulator layout of S is the A layout of P); only
+      // once the previous P V has landed: wgmma reads its A registers until then.
+      auto pack_probabilities = [&](const float (&s)[kKeys / 8][4]) {
+#pragma unroll
+        for (int kk = 0; kk < kKeys / 16; ++kk) {
+          p[kk][0] = mma::pack2<T>(s[2 * kk][0], s[2 * kk][1]);
+          p[kk][1] = mma::pack2<T>(s[2 * kk][2], s[2 * kk][3]);
+          p[kk][2] = mma::pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+          p[kk][3] = mma::pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+        }
+      };
+
+      if (w.has_tiles()) {
+        bulk::barrier_wait(q_full, q_round++ & 1);
+        float s[kKeys / 8][4];
+        float alpha[2];
+        int stage = tile_count % kStages;
+        wait_turn(consumer);
+        bulk::barrier_wait(&k_full[stage], (tile_count / kStages) & 1);
+        wgmma::fence_shared_for_async_reads();  // cp.async wrote through the generic proxy
+        issue_scores(s, stage);
+        pass_turn(consumer);
+        wgmma::wait<0>();
+        wgmma::hold(s);
+        release(&k_empty[stage]);
+        softmax(s, w.first_tile, alpha);  // O is still 0: nothing to rescale
+        pack_probabilities(s);
+        for (int j = w.first_tile + 1; j < w.end_tile; ++j) {
+          const int previous = stage, previous_round = (tile_count / kStages) & 1;
+          ++tile_count;
+          stage = tile_count % kStages;
+          wait_turn(consumer);
+          bulk::barrier_wait(&k_full[stage], (tile_count / kStages) & 1);
+          wgmma::fence_shared_for_async_reads();
+          issue_scores(s, stage);
+          bulk::barrier_wait(&v_full[previous], previous_round);
+          wgmma::fence_shared_for_async_reads();
+          issue_accumulate(previous);
+          pass_turn(consumer);
+          wgmma::wait<1>();  // S_j landed; P_{j-1} V_{j-1} may still run
+          wgmma::hold(s);
+          release(&k_empty[stage]);
+          softmax(s, j, alpha);
+          wgmma::wait<0>();
+          wgmma::hold(o_acc);
+          release(&v_empty[previous]);
+#pragma unroll
+          for (int r = 0; r < 2; ++r)
+            if (alpha[r] != 1.f)
+#pragma unroll
+              for (int d = 0; d < kHeadDim / 8; ++d) {
+                o_acc[d][2 * r] *= alpha[r];
+                o_acc[d][2 * r + 1] *= alpha[r];
+              }
+          pack_probabilities(s);
+        }
+        release(q_empty);  // every S of the item has landed
+        wait_turn(consumer);
+        bulk::barrier_wait(&v_full[stage], (tile_count / kStages) & 1);
+        wgmma::fence_shared_for_async_reads();
+        issue_accumulate(stage);
+        pass_turn(consumer);
+        wgmma::wait<0>();
+        wgmma::hold(o_acc);
+        release(&v_empty[stage]);
+        ++tile_count;
+      }
+
+      // Finish: the row sums across the quad, then o / l and the base-2 lse.
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+        const int row = wg_row0 + warp * 16 + g + 8 * r;
+        if (row >= rows) continue;
+        const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
+        const long long index_out = static_cast<long long>(w.q_begin + row / kRowsPerQuery) * kQoHeads + w.head0 + row % kRowsPerQuery;
+        T* out = o + index_out * kHeadDim;
+#pragma unroll
+        for (int d = 0; d < kHeadDim / 8; ++d)
+          *reinterpret_cast<unsigned*>(out + d * 8 + 2 * t) = mma::pack2<T>(o_acc[d][2 * r] * inv, o_acc[d][2 * r + 1] * inv);
+        if constexpr (kLse)
+          if (t == 0) lse[index_out] = l[r] > 0.f ? m[r] + log2f(l[r]) : kNegInf;
+      }
+    }
+#endif
+  }
+};
+
+}  // namespace kjit::attention
