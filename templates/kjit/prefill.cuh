@@ -360,18 +360,8 @@ struct BatchPrefill {
         // All of P packed first: wgmma.fence must follow every write of its registers.
         unsigned p[kKeys / 16][4];
 #pragma unroll
-        for (int kk = 0; kk < kKeys / 16; ++kk) {
-          probability_fragment(s, kk, p[kk]);
-#pragma unroll
-          for (int e = 0; e < 4; ++e) asm volatile("" : "+r"(p[kk][e])::"memory");
-        }
-        wgmma::hold(o_acc);
-        wgmma::fence();
-#pragma unroll
-        for (int kk = 0; kk < kKeys / 16; ++kk)
-          wgmma::mma_registers<T, kHeadDim, /*transpose_b=*/true>(o_acc, p[kk],
-                                                                  v_descriptor + (buffer * kKeys * kHeadDim * 2 + kk * 16 * 128) / 16);
-        wgmma::commit();
+        for (int kk = 0; kk < kKeys / 16; ++kk) probability_fragment(s, kk, p[kk]);
+        wgmma::accumulate_probabilities<T, kHeadDim>(o_acc, p, v_descriptor + buffer * kKeys * kHeadDim * 2 / 16);
         wgmma::wait<0>();
         wgmma::hold(o_acc);
       } else {

@@ -285,18 +285,7 @@ struct WarpSpecializedPrefill {
       for (int i = 0; i < kHeadDim / 8; ++i) o_acc[i][0] = o_acc[i][1] = o_acc[i][2] = o_acc[i][3] = 0.f;
       unsigned p[kKeys / 16][4];  // probabilities of the tile whose P V is next, as A fragments
       auto issue_accumulate = [&](int stage) {
-        // P and O settled in registers before the fence (it orders only what precedes it).
-#pragma unroll
-        for (int kk = 0; kk < kKeys / 16; ++kk)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) asm volatile("" : "+r"(p[kk][e])::"memory");
-        wgmma::hold(o_acc);
-        wgmma::fence();
-#pragma unroll
-        for (int kk = 0; kk < kKeys / 16; ++kk)
-          wgmma::mma_registers<T, kHeadDim, /*transpose_b=*/true>(o_acc, p[kk],
-                                                                  v_descriptor + (stage * kTileElements * 2 + kk * 16 * 128) / 16);
-        wgmma::commit();
+        wgmma::accumulate_probabilities<T, kHeadDim>(o_acc, p, v_descriptor + stage * kTileElements * 2 / 16);
       };
 
       float m[2] = {kNegInf, kNegInf}, l[2] = {0.f, 0.f};

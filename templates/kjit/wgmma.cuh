@@ -67,6 +67,16 @@ __device__ __forceinline__ void hold(float (&d)[kGroups][4]) {
     for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(d[n][e])::"memory");
 }
 
+// Keeps packed A fragments in their registers before a fence (it orders only the writes
+// that precede it, so they must not sink past it).
+template <int kSteps>
+__device__ __forceinline__ void hold(unsigned (&a)[kSteps][4]) {
+#pragma unroll
+  for (int n = 0; n < kSteps; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) asm volatile("" : "+r"(a[n][e])::"memory");
+}
+
 #define KJIT_ACC4(n) "+f"(d[n][0]), "+f"(d[n][1]), "+f"(d[n][2]), "+f"(d[n][3])
 #define KJIT_ACC16(n) KJIT_ACC4(n), KJIT_ACC4(n + 1), KJIT_ACC4(n + 2), KJIT_ACC4(n + 3)
 #define KJIT_D16 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}"
@@ -146,6 +156,19 @@ __device__ __forceinline__ void mma_registers(float (&d)[N / 8][4], const unsign
                  KJIT_ACC16(0), KJIT_ACC16(4), KJIT_ACC16(8), KJIT_ACC16(12)
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(scale))
   }
+}
+
+// Attention's O += P V: P as kSteps A fragments of 16 keys, V's tile MN-major at
+// descriptor v (16 keys = 16 rows of 128 bytes a step). Fenced and committed as one group.
+template <typename T, int kHeadDim, int kSteps>
+__device__ __forceinline__ void accumulate_probabilities(float (&o)[kHeadDim / 8][4], unsigned (&p)[kSteps][4],
+                                                         unsigned long long v) {
+  hold(p);
+  hold(o);
+  fence();
+#pragma unroll
+  for (int kk = 0; kk < kSteps; ++kk) mma_registers<T, kHeadDim, /*transpose_b=*/true>(o, p[kk], v + kk * 16 * 128 / 16);
+  commit();
 }
 
 #undef KJIT_RS_CASE
