@@ -54,6 +54,32 @@ struct PagedKvRows {
   }
 };
 
+// Scores s of keys key0 + 8 n + 2 t + (e & 1) for this thread's rows g and g + 8 (e / 2):
+// soft-capped (then in the log2 domain) and, where `masked`, -inf past the row's last key
+// or before its window (last_key, first_key as the prefill forms keep them). Without a
+// soft cap the scale is applied later inside the exponent (one FFMA), so the row maxima are
+// of unscaled scores (scale > 0 keeps their order).
+template <bool kCausal, bool kSoftCap, int kWindow, int kGroups>
+__device__ __forceinline__ void cap_and_mask(float (&s)[kGroups][4], bool masked, int key0, int t, const int (&last_key)[2],
+                                             const int (&first_key)[2], float scale, float soft_cap) {
+  constexpr float kLog2e = 1.4426950408889634f;
+  const float kNegInf = -__int_as_float(0x7f800000);
+#pragma unroll
+  for (int n = 0; n < kGroups; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      float x = s[n][e];
+      if constexpr (kSoftCap) x = soft_cap * kLog2e * tanhf(x * scale);
+      if (masked) {
+        const int key = key0 + n * 8 + 2 * t + (e & 1);
+        bool ok = key <= last_key[e / 2];
+        if constexpr (kWindow > 0) ok = ok && key >= (kCausal ? last_key[e / 2] - kWindow + 1 : first_key[e / 2]);
+        if (!ok) x = kNegInf;
+      }
+      s[n][e] = x;
+    }
+}
+
 template <typename T, int kHeadDim, int kQoHeads, int kKvHeads, bool kCausal, bool kSoftCap, int kWindow, bool kLse,
           int kKeys, typename KvSource = RaggedKv<kKvHeads, kHeadDim>, bool kPackGqa = false, bool kWarpgroupMma = true, int kWarpgroups = 1>
 struct BatchPrefill {
@@ -305,22 +331,7 @@ struct BatchPrefill {
       const int key0 = j * kKeys;
       // (Causal: keys past the end lie past every row's diagonal, so kv_len needs no test.)
       const bool need_mask = key0 + kKeys - 1 > mask_after || (kWindow > 0 && key0 <= last_query + shift - kWindow) || partial_rows;
-#pragma unroll
-      for (int n = 0; n < kKeys / 8; ++n)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          // Without a soft cap the scale is applied inside the exponent (one FFMA), so the
-          // row maxima below are of unscaled scores (scale > 0 keeps their order).
-          float x = s[n][e];
-          if constexpr (kSoftCap) x = soft_cap * kLog2e * tanhf(x * scale);
-          if (need_mask) {
-            const int key = key0 + n * 8 + 2 * t + (e & 1);
-            bool ok = key <= last_key[e / 2];
-            if constexpr (kWindow > 0) ok = ok && key >= (kCausal ? last_key[e / 2] - kWindow + 1 : first_key[e / 2]);
-            if (!ok) x = kNegInf;
-          }
-          s[n][e] = x;
-        }
+      cap_and_mask<kCausal, kSoftCap, kWindow>(s, need_mask, key0, t, last_key, first_key, scale, soft_cap);
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         float mx = kNegInf;

@@ -294,22 +294,7 @@ struct WarpSpecializedPrefill {
       // Two copies, with and without the mask: as one, the compiler computed the mask for
       // every tile (predicated selects), which was a third of the softmax's instructions.
       auto softmax_tile = [&](auto masked, float (&s)[kKeys / 8][4], int j, float (&alpha)[2]) {
-        constexpr bool need_mask = decltype(masked)::value;
-        const int key0 = j * kKeys;
-#pragma unroll
-        for (int n = 0; n < kKeys / 8; ++n)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            float x = s[n][e];
-            if constexpr (kSoftCap) x = soft_cap * kLog2e * tanhf(x * scale);
-            if constexpr (need_mask) {
-              const int key = key0 + n * 8 + 2 * t + (e & 1);
-              bool ok = key <= last_key[e / 2];
-              if constexpr (kWindow > 0) ok = ok && key >= (kCausal ? last_key[e / 2] - kWindow + 1 : first_key[e / 2]);
-              if (!ok) x = kNegInf;
-            }
-            s[n][e] = x;
-          }
+        cap_and_mask<kCausal, kSoftCap, kWindow>(s, decltype(masked)::value, j * kKeys, t, last_key, first_key, scale, soft_cap);
         // Row maxima and sums as trees over the row's 32 values (a chain of 32 dependent
         // fmaxf / adds per row was the softmax's critical path).
         constexpr int kPairs = kKeys / 16;
