@@ -553,7 +553,8 @@ TEST_CASE("batch decode refuses bad plans and arguments", "[gpu][attention]") {
 
 TEST_CASE("batch prefill refuses a grid past CUDA's limits", "[gpu][attention]") {
   // Group 4 packs 16 queries per 64-row tile; 16 * 65535 + 1 queries need 65536 tiles on grid z.
-  kjit::Kernel prefill = engine().get(R"({"op": "batch_prefill", "num_qo_heads": 32, "num_kv_heads": 8, "head_dim": 128, "dtype": "bfloat16"})");
+  // (The warp-specialized form is persistent: its grid is one block per SM, whatever the work.)
+  kjit::Kernel prefill = engine().get(R"({"op": "batch_prefill", "num_qo_heads": 32, "num_kv_heads": 8, "head_dim": 128, "dtype": "bfloat16", "warp_specialized": false})");
   DeviceMemory q(32 * 128 * 2), kv(8 * 128 * 2), indptr(8), out(32 * 128 * 2), lse(32 * 4);
   const std::vector<kjit::Arg> args{q.get(), kv.get(), kv.get(), indptr.get(), indptr.get(), out.get(), lse.get(),
                                     std::int64_t{1}, std::int64_t{16 * 65535 + 1}, 0.1};
@@ -761,6 +762,13 @@ TEST_CASE("batch prefill matches float64 attention on ragged requests", "[gpu][a
       fallback.arch = "sm_90";
       run_prefill_case(fallback, lengths, rng);
     }
+  }
+  // The form without warp specialization at head_dim 128 (the default there is the other).
+  for (std::int64_t page_size : {0, 16}) {
+    PrefillCase c{8, 2, 128};
+    c.page_size = page_size;
+    c.extra = R"(, "warp_specialized": false)";
+    run_prefill_case(c, lengths, rng);
   }
   // Both tensor-core forms (wgmma where the GPU has it, and mma.sync) with both key tiles.
   for (bool warpgroup_mma : {true, false})

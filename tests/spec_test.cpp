@@ -94,16 +94,28 @@ TEST_CASE("attention plans: prefill blocks and the merge's few-row form", "[spec
   const auto one = plan("{" + prefill + "}");
   CHECK_FALSE(one.spec.contains("warpgroups"));  // defaults stay out of the canonical spec
   CHECK_FALSE(one.spec.contains("warpgroup_mma"));
+  // head_dim 128: warp-specialized by default.
   CHECK_FALSE(one.spec.contains("warp_specialized"));
-  CHECK(one.launch.block[0] == 128);
-  CHECK(one.launch.grid[2].divisor == 64 / 4);  // 64 rows of 16 queries x 4 heads per block
-  CHECK(one.launch.persistent_blocks_per_sm == 0);
-  const auto specialized = plan("{" + prefill + R"(, "warp_specialized": true})");
-  CHECK(specialized.spec["warp_specialized"] == true);
-  CHECK(specialized.launch.block[0] == 384);  // a copying and two MMA warpgroups
-  CHECK(specialized.launch.grid[2].divisor == 128 / 4);  // the work: 128 rows of 32 queries x 4 heads per item
-  CHECK(specialized.launch.persistent_blocks_per_sm == 1);
-  CHECK(specialized.launch.dynamic_shared_bytes == (128 + 2 * 3 * 128) * 128 * 2 + 1024 + 256);  // 3 K/V stages
+  CHECK(one.launch.block[0] == 384);  // a copying and two MMA warpgroups
+  CHECK(one.launch.grid[2].divisor == 128 / 4);  // the work: 128 rows of 32 queries x 4 heads per item
+  CHECK(one.launch.persistent_blocks_per_sm == 1);
+  CHECK(one.launch.dynamic_shared_bytes == (128 + 2 * 3 * 128) * 128 * 2 + 1024 + 256);  // 3 K/V stages
+  const auto other = plan("{" + prefill + R"(, "warp_specialized": false})");
+  CHECK(other.spec["warp_specialized"] == false);
+  CHECK(other.launch.block[0] == 128);
+  CHECK(other.launch.grid[2].divisor == 64 / 4);  // 64 rows of 16 queries x 4 heads per block
+  CHECK(other.launch.persistent_blocks_per_sm == 0);
+  // The other form's tuning fields choose it, and the canonical spec says so even when
+  // they are at their defaults (so it plans the same kernel again).
+  const auto tuned = plan("{" + prefill + R"(, "keys_per_tile": 32})");
+  CHECK(tuned.launch.block[0] == 128);
+  CHECK(tuned.spec["warp_specialized"] == false);
+  CHECK(plan(tuned.spec.dump()).launch.block[0] == 128);
+  // head_dim 64: on request only.
+  const std::string d64 = R"({"op": "batch_prefill", "num_qo_heads": 32, "num_kv_heads": 8, "head_dim": 64, "dtype": "bfloat16")";
+  CHECK(plan(d64 + "}").launch.block[0] == 128);
+  CHECK(plan(d64 + R"(, "warp_specialized": true})").spec["warp_specialized"] == true);
+  CHECK(plan(d64 + R"(, "warp_specialized": true})").launch.block[0] == 384);
   const auto two = plan("{" + prefill + R"(, "warpgroups": 2, "warpgroup_mma": false})");
   CHECK(two.spec["warpgroups"] == 2);
   CHECK(two.spec["warpgroup_mma"] == false);

@@ -20,9 +20,9 @@
 //     a block's rows are (query, head) pairs of one KV head's group), warpgroup_mma
 //     (default true: sm_90a's wgmma where head_dim <= 128, else mma.sync), warpgroups
 //     (1 | 2: blocks of 64 or 128 query rows sharing each K/V tile), warp_specialized
-//     (default false; true: a persistent kernel, one block per SM, in which a warpgroup
-//     copies K/V tiles of 128 keys for two wgmma warpgroups of 64 rows; needs
-//     warpgroup_mma and head_dim <= 128, excludes keys_per_tile and warpgroups; without
+//     (a persistent kernel, one block per SM, in which a warpgroup copies K/V tiles of 128
+//     keys for two wgmma warpgroups of 64 rows; default true at head_dim 128 unless
+//     keys_per_tile or warpgroups is given; needs warpgroup_mma and head_dim <= 128; without
 //     sm_90a the block runs the mma.sync form on two of its warpgroups)
 //   {"op": "append_paged_kv_cache", "num_kv_heads": 8, "head_dim": 128, "page_size": 16,
 //    "dtype": "bfloat16"}    (kv_layout, kv_storage as above; dtype may be float8_e4m3)
@@ -188,12 +188,14 @@ class AttentionFamily final : public Family {
     const std::int64_t default_warpgroups = 1;
     const std::int64_t warpgroups = fields.integer("warpgroups", 1, 2, default_warpgroups);
     // The warp-specialized form (a copying warpgroup feeding two wgmma warpgroups, 128-key
-    // tiles; prefill_warp_specialized.cuh), on request: it is faster for one long request
-    // (causal 8192: 474 against 459 TFLOP/s) but not yet for ragged batches, paged K/V or
-    // append attention (docs/benchmarks.md). keys_per_tile and warpgroups tune the other form.
+    // tiles; prefill_warp_specialized.cuh), the default at head_dim 128: causal 8192 562
+    // against 457 TFLOP/s, paged 535 against 411, non-causal 599 against 454, ragged 8 x 1024
+    // equal, append attention 385 against 375 us (H100). At head_dim 64 it is slower (366
+    // against 411), so there it is on request. keys_per_tile and warpgroups tune the other form.
     const bool can_specialize = warpgroup_mma && a.head_dim <= 128;
+    const bool specialized_by_default = can_specialize && a.head_dim == 128;
     const bool tunes_other_form = fields.has("keys_per_tile") || fields.has("warpgroups");
-    const bool warp_specialized = fields.boolean("warp_specialized", false);
+    const bool warp_specialized = fields.boolean("warp_specialized", specialized_by_default && !tunes_other_form);
     if (warp_specialized && !can_specialize)
       fields.fail("warp_specialized", warpgroup_mma ? fmt::format("needs head_dim <= 128, got {}", a.head_dim)
                                                     : std::string("needs warpgroup_mma"));
@@ -210,7 +212,7 @@ class AttentionFamily final : public Family {
     if (pack_gqa != can_pack) plan.spec["pack_gqa"] = pack_gqa;
     if (!warpgroup_mma) plan.spec["warpgroup_mma"] = false;
     if (warpgroups != default_warpgroups) plan.spec["warpgroups"] = warpgroups;
-    if (warp_specialized) plan.spec["warp_specialized"] = true;
+    if (warp_specialized != specialized_by_default) plan.spec["warp_specialized"] = warp_specialized;
     if (paged)
       plan.spec.update({{"paged", true}, {"page_size", page_size}, {"kv_layout", layout},
                         {"kv_storage", combined ? "combined" : "separate"}});

@@ -33,6 +33,8 @@ namespace kjit::attention {
 // page table is passed to each call, read from the kernel's parameters, not a register.
 template <int kKvHeads, int kHeadDim>
 struct RaggedKv {
+  static constexpr long long kKeyStride = static_cast<long long>(kKvHeads) * kHeadDim;  // elements from key to key
+  static constexpr int kPageSize = 0;                                                     // not paged
   int first, len;
   __device__ __forceinline__ RaggedKv(const int* kv_indptr, const int*, int b)
       : first(kv_indptr[b]), len(kv_indptr[b + 1] - kv_indptr[b]) {}
@@ -42,9 +44,13 @@ struct RaggedKv {
   }
 };
 // kv_indices is passed to each call (a kernel parameter, so no register holds it).
-template <int kKvHeads, int kHeadDim, paged_kv::Layout kLayout, int kPageSize, bool kCombined = false>
+template <int kKvHeads, int kHeadDim, paged_kv::Layout kLayout, int kPageSize_, bool kCombined = false>
 struct PagedKvRows {
-  using Cache = paged_kv::PagedKv<kLayout, kPageSize, kKvHeads, kHeadDim, kCombined>;
+  using Cache = paged_kv::PagedKv<kLayout, kPageSize_, kKvHeads, kHeadDim, kCombined>;
+  static constexpr long long kKeyStride = 0;  // keys are not evenly spaced (pages)
+  static constexpr int kPageSize = kPageSize_;
+  // Elements from a key to the next within a page.
+  static constexpr long long kSlotStride = kLayout == paged_kv::Layout::NHD ? static_cast<long long>(kKvHeads) * kHeadDim : kHeadDim;
   int first_page, len;
   __device__ __forceinline__ PagedKvRows(const int* kv_indptr, const int* kv_last_page_len, int b)
       : first_page(kv_indptr[b]), len(Cache::length(kv_indptr, kv_last_page_len, b)) {}

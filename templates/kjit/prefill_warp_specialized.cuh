@@ -152,6 +152,48 @@ struct WarpSpecializedPrefill {
   // Persistent: gridDim.x blocks walk the work items index = blockIdx.x, + gridDim.x, ...
   // (the launch: one block per SM), so the producer copies the next item's Q and K/V while
   // the consumers finish the last one.
+  // A K or V tile of keys [first, first + kKeys). Tiles all inside the request take a
+  // fast path: ragged, one offset, then rows a constant stride apart (copies with
+  // immediate offsets, no predicates); the general path's per-row address arithmetic made
+  // the producer 31% of the kernel's instructions and cost 15% (causal 8192: 485 -> 558
+  // TFLOP/s with this path).
+  static __device__ __forceinline__ void copy_kv_tile(T* tile, const T* base, const Kv& kv, const int* kv_indices,
+                                                      int kv_head, int first, int valid) {
+    if constexpr (Kv::kKeyStride > 0) {
+      if (first + kKeys <= valid) {
+        const int p = threadIdx.x, chunk = p % kChunks, row = p / kChunks;
+        T* dst = tile + wgmma::swizzled_offset<kKeys>(row, chunk * 8);
+        const T* src = base + kv.offset(kv_indices, first + row, kv_head) + chunk * 8;
+#pragma unroll
+        for (int n = 0; n < kKeys / kRowStep; ++n)
+          mma::copy_async(dst + n * kRowStep * 64, src + n * kRowStep * Kv::kKeyStride, true);
+        return;
+      }
+    }
+    // Paged, pages of whole row steps dividing the tile: a thread's rows share a page
+    // kPageSize / kRowStep at a time; the tile's page numbers are read before any copy.
+    if constexpr (Kv::kPageSize > 0 && Kv::kPageSize % kRowStep == 0 && kKeys % Kv::kPageSize == 0 &&
+                  kKeys / Kv::kPageSize <= 16) {
+      if (first + kKeys <= valid) {
+        constexpr int kPages = kKeys / Kv::kPageSize, kStepsPerPage = Kv::kPageSize / kRowStep;
+        const int p = threadIdx.x, chunk = p % kChunks, row = p / kChunks;
+        T* dst = tile + wgmma::swizzled_offset<kKeys>(row, chunk * 8);
+        int page[kPages];
+#pragma unroll
+        for (int i = 0; i < kPages; ++i) page[i] = kv_indices[kv.first_page + first / Kv::kPageSize + i];
+#pragma unroll
+        for (int i = 0; i < kPages; ++i) {
+          const T* src = base + Kv::Cache::offset_in_page(page[i], row, kv_head) + chunk * 8;
+#pragma unroll
+          for (int n = 0; n < kStepsPerPage; ++n)
+            mma::copy_async(dst + (i * kStepsPerPage + n) * kRowStep * 64, src + n * kRowStep * Kv::kSlotStride, true);
+        }
+        return;
+      }
+    }
+    copy_rows<kKeys>(tile, base, [&](int key) { return kv.offset(kv_indices, key, kv_head); }, first, valid);
+  }
+
   static __device__ void run(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                              const int* __restrict__ qo_indptr, const int* __restrict__ kv_indptr,
                              const int* __restrict__ kv_indices, const int* __restrict__ kv_last_page_len,
@@ -215,19 +257,18 @@ struct WarpSpecializedPrefill {
           return (static_cast<long long>(w.q_begin + row / kRowsPerQuery) * kQoHeads + w.head0 + row % kRowsPerQuery) * kHeadDim;
         }, w.row0, w.rows);
         mma::copy_arrive(q_full);
-        auto kv_offset = [&](int key) { return kv.offset(kv_indices, key, w.kv_head); };
         // In the order the consumers use them: K_0, then K_j before V_{j-1}.
         for (int j = w.first_tile; j <= w.end_tile; ++j) {
           if (j < w.end_tile) {
             const int n = tile_count + (j - w.first_tile), stage = n % kStages;
             bulk::barrier_wait(&k_empty[stage], ((n / kStages) & 1) ^ 1);  // a fresh barrier's "previous" phase has completed
-            copy_rows<kKeys>(k_tiles + stage * kTileElements, k, kv_offset, j * kKeys, kv_len);
+            copy_kv_tile(k_tiles + stage * kTileElements, k, kv, kv_indices, w.kv_head, j * kKeys, kv_len);
             mma::copy_arrive(&k_full[stage]);
           }
           if (j > w.first_tile) {
             const int n = tile_count + (j - 1 - w.first_tile), stage = n % kStages;
             bulk::barrier_wait(&v_empty[stage], ((n / kStages) & 1) ^ 1);
-            copy_rows<kKeys>(v_tiles + stage * kTileElements, v, kv_offset, (j - 1) * kKeys, kv_len);
+            copy_kv_tile(v_tiles + stage * kTileElements, v, kv, kv_indices, w.kv_head, (j - 1) * kKeys, kv_len);
             mma::copy_arrive(&v_full[stage]);
           }
         }
