@@ -115,43 +115,37 @@ struct WarpSpecializedPrefill {
     asm volatile("bar.arrive %0, 256;" ::"r"(2 + (1 - consumer)) : "memory");
   }
 
-  // One work item: (head block, request, row tile), as BatchPrefill's grid would launch
-  // them; both roles derive the same fields, so they walk the same items and tiles.
-  struct WorkItem {
-    int b, kv_head, head0, q_begin, rows, row0, shift, first_tile, end_tile;
-    __device__ __forceinline__ bool has_tiles() const { return first_tile < end_tile; }
-  };
   static constexpr int kHeadBlocks = kPackGqa ? kKvHeads : kQoHeads;
   static constexpr int kQueriesPerTile = kPackGqa ? kRows / kGroup : kRows;  // the plan's grid z divisor
-  // Work items in the order of BatchPrefill's blocks: heads fastest, then requests, then
-  // row tiles from the last, so every request's longest causal tiles start first.
-  static __device__ __forceinline__ WorkItem work_item(int index, int batch, int row_tiles, const int* qo_indptr,
-                                                       const int* kv_indptr, const int* kv_last_page_len, int& kv_len) {
-    WorkItem w;
-    const int head_block = index % kHeadBlocks;
-    w.b = (index / kHeadBlocks) % batch;
-    const int tile = row_tiles - 1 - index / (kHeadBlocks * batch);
-    w.kv_head = kPackGqa ? head_block : head_block / kGroup;
-    w.head0 = kPackGqa ? head_block * kGroup : head_block;
-    w.q_begin = qo_indptr[w.b];
-    const int qo_len = qo_indptr[w.b + 1] - w.q_begin;
-    kv_len = Kv(kv_indptr, kv_last_page_len, w.b).length();
-    w.rows = qo_len * kRowsPerQuery;
-    w.row0 = tile * kRows;
-    w.shift = kv_len - qo_len;
-    w.first_tile = w.end_tile = 0;
-    if (w.row0 >= w.rows) return w;
-    const int first_query = w.row0 / kRowsPerQuery, last_query = (min(w.row0 + kRows, w.rows) - 1) / kRowsPerQuery;
-    const int key_end = kCausal ? max(0, min(kv_len, last_query + w.shift + 1)) : kv_len;
-    const int key_begin = kWindow > 0 ? max(0, first_query + w.shift - kWindow + 1) : 0;
-    w.first_tile = key_begin / kKeys;
-    w.end_tile = (key_end + kKeys - 1) / kKeys;
-    return w;
-  }
+  // One work item: (head block, request, row tile), as BatchPrefill's grid would launch
+  // them, heads fastest, then requests, then row tiles from the last (every request's
+  // longest causal tiles first). Both roles build the same items, so they walk the same
+  // tiles.
+  struct WorkItem {
+    int b, kv_head, head0, q_begin, rows, row0, shift, first_tile = 0, end_tile = 0;
+    Kv kv;
+    __device__ __forceinline__ WorkItem(int index, int batch, int row_tiles, const int* qo_indptr, const int* kv_indptr,
+                                        const int* kv_last_page_len)
+        : b((index / kHeadBlocks) % batch), kv(kv_indptr, kv_last_page_len, (index / kHeadBlocks) % batch) {
+      const int head_block = index % kHeadBlocks;
+      const int tile = row_tiles - 1 - index / (kHeadBlocks * batch);
+      kv_head = kPackGqa ? head_block : head_block / kGroup;
+      head0 = kPackGqa ? head_block * kGroup : head_block;
+      q_begin = qo_indptr[b];
+      const int qo_len = qo_indptr[b + 1] - q_begin, kv_len = kv.length();
+      rows = qo_len * kRowsPerQuery;
+      row0 = tile * kRows;
+      shift = kv_len - qo_len;
+      if (row0 >= rows) return;
+      const int first_query = row0 / kRowsPerQuery, last_query = (min(row0 + kRows, rows) - 1) / kRowsPerQuery;
+      const int key_end = kCausal ? max(0, min(kv_len, last_query + shift + 1)) : kv_len;
+      const int key_begin = kWindow > 0 ? max(0, first_query + shift - kWindow + 1) : 0;
+      first_tile = key_begin / kKeys;
+      end_tile = (key_end + kKeys - 1) / kKeys;
+    }
+    __device__ __forceinline__ bool has_tiles() const { return first_tile < end_tile; }
+  };
 
-  // Persistent: gridDim.x blocks walk the work items index = blockIdx.x, + gridDim.x, ...
-  // (the launch: one block per SM), so the producer copies the next item's Q and K/V while
-  // the consumers finish the last one.
   // A K or V tile of keys [first, first + kKeys). Tiles all inside the request take a
   // fast path: ragged, one offset, then rows a constant stride apart (copies with
   // immediate offsets, no predicates); the general path's per-row address arithmetic made
@@ -248,10 +242,9 @@ struct WarpSpecializedPrefill {
       wgmma::lower_registers<kProducerRegisters>();
       int tile_count = 0, q_round = 0;
       for (int index = blockIdx.x; index < items; index += gridDim.x) {
-        int kv_len;
-        const WorkItem w = work_item(index, batch, row_tiles, qo_indptr, kv_indptr, kv_last_page_len, kv_len);
+        const WorkItem w(index, batch, row_tiles, qo_indptr, kv_indptr, kv_last_page_len);
         if (!w.has_tiles()) continue;
-        const Kv kv(kv_indptr, kv_last_page_len, w.b);
+        const int kv_len = w.kv.length();
         bulk::barrier_wait(q_empty, (q_round++ & 1) ^ 1);  // a fresh barrier's "previous" phase has completed
         copy_rows<kRows>(q_tile, q, [&](int row) {
           return (static_cast<long long>(w.q_begin + row / kRowsPerQuery) * kQoHeads + w.head0 + row % kRowsPerQuery) * kHeadDim;
@@ -262,13 +255,13 @@ struct WarpSpecializedPrefill {
           if (j < w.end_tile) {
             const int n = tile_count + (j - w.first_tile), stage = n % kStages;
             bulk::barrier_wait(&k_empty[stage], ((n / kStages) & 1) ^ 1);  // a fresh barrier's "previous" phase has completed
-            copy_kv_tile(k_tiles + stage * kTileElements, k, kv, kv_indices, w.kv_head, j * kKeys, kv_len);
+            copy_kv_tile(k_tiles + stage * kTileElements, k, w.kv, kv_indices, w.kv_head, j * kKeys, kv_len);
             mma::copy_arrive(&k_full[stage]);
           }
           if (j > w.first_tile) {
             const int n = tile_count + (j - 1 - w.first_tile), stage = n % kStages;
             bulk::barrier_wait(&v_empty[stage], ((n / kStages) & 1) ^ 1);
-            copy_kv_tile(v_tiles + stage * kTileElements, v, kv, kv_indices, w.kv_head, (j - 1) * kKeys, kv_len);
+            copy_kv_tile(v_tiles + stage * kTileElements, v, w.kv, kv_indices, w.kv_head, (j - 1) * kKeys, kv_len);
             mma::copy_arrive(&v_full[stage]);
           }
         }
@@ -295,9 +288,9 @@ struct WarpSpecializedPrefill {
     int tile_count = 0, q_round = 0;
     if (consumer == 1) pass_turn(consumer);  // consumer 0 issues first
     for (int index = blockIdx.x; index < items; index += gridDim.x) {
-      int kv_len;
-      const WorkItem w = work_item(index, batch, row_tiles, qo_indptr, kv_indptr, kv_last_page_len, kv_len);
+      const WorkItem w(index, batch, row_tiles, qo_indptr, kv_indptr, kv_last_page_len);
       if (w.row0 >= w.rows) continue;
+      const int kv_len = w.kv.length();
       const int rows = w.rows, shift = w.shift;
       const int wg_row0 = w.row0 + consumer * 64;  // this warpgroup's rows
       const int wg_first_query = wg_row0 / kRowsPerQuery;
