@@ -102,7 +102,7 @@ BatchDecode::BatchDecode(Engine& engine, std::string_view spec_json) {
                                      {"dtype", "float32"},
                                      {"out_dtype", spec["dtype"]}}
                           .dump());
-  num_sms_ = runtime::device_info(runtime::current_device()).multiprocessors;
+  num_sms_ = runtime::multiprocessor_count(runtime::current_device());
   // Blocks per SM the split aims to fill. 16-bit KV: two already keep HBM saturated, and
   // each extra chunk costs a partial state written and merged (H100, batch 1 x 32768: 33
   // chunks 61.5 us against 67.9 for 60 filling all four slots; batch 32 x 4096 unsplit

@@ -86,6 +86,29 @@ __device__ __forceinline__ void cap_and_mask(float (&s)[kGroups][4], bool masked
     }
 }
 
+// The prefill forms' epilogue for a thread's rows g and g + 8 (r = 0, 1): the row sums
+// across the quad, then o / l and the base-2 lse. qo_index(r) is the row's (query, head)
+// index into the output and lse, or -1 for a row past the request.
+template <typename T, int kHeadDim, bool kLse, typename QoIndex>
+__device__ __forceinline__ void store_rows(const float (&o_acc)[kHeadDim / 8][4], const float (&m)[2], float (&l)[2], int t,
+                                           QoIndex qo_index, T* __restrict__ o, float* __restrict__ lse) {
+  const float kNegInf = -__int_as_float(0x7f800000);
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+    const long long index = qo_index(r);
+    if (index < 0) continue;
+    const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
+    T* out = o + index * kHeadDim;
+#pragma unroll
+    for (int d = 0; d < kHeadDim / 8; ++d)
+      *reinterpret_cast<unsigned*>(out + d * 8 + 2 * t) = mma::pack2<T>(o_acc[d][2 * r] * inv, o_acc[d][2 * r + 1] * inv);
+    if constexpr (kLse)
+      if (t == 0) lse[index] = l[r] > 0.f ? m[r] + log2f(l[r]) : kNegInf;
+  }
+}
+
 template <typename T, int kHeadDim, int kQoHeads, int kKvHeads, bool kCausal, bool kSoftCap, int kWindow, bool kLse,
           int kKeys, typename KvSource = RaggedKv<kKvHeads, kHeadDim>, bool kPackGqa = false, bool kWarpgroupMma = true, int kWarpgroups = 1>
 struct BatchPrefill {
@@ -399,22 +422,11 @@ struct BatchPrefill {
     }
     mma::copy_wait<0>();
 
-    // Finish: the row sums across the quad, then o / l and the base-2 lse.
     const int rows_end = (qo_indptr[b + 1] - qo_indptr[b]) * kRowsPerQuery;  // read again: not kept live through the loop
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
-      l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+    store_rows<T, kHeadDim, kLse>(o_acc, m, l, t, [&](int r) {
       const int row = row0 + warp_row + g + 8 * r;
-      if (row >= rows_end) continue;
-      const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
-      T* out = o + q_row(row);
-#pragma unroll
-      for (int d = 0; d < kHeadDim / 8; ++d)
-        *reinterpret_cast<unsigned*>(out + d * 8 + 2 * t) = mma::pack2<T>(o_acc[d][2 * r] * inv, o_acc[d][2 * r + 1] * inv);
-      if constexpr (kLse)
-        if (t == 0) lse[qo_index(row)] = l[r] > 0.f ? m[r] + log2f(l[r]) : kNegInf;
-    }
+      return row < rows_end ? qo_index(row) : -1ll;
+    }, o, lse);
   }
 };
 

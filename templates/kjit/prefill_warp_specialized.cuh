@@ -445,22 +445,11 @@ struct WarpSpecializedPrefill {
         ++tile_count;
       }
 
-      // Finish: the row sums across the quad, then o / l and the base-2 lse.
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
-        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+      store_rows<T, kHeadDim, kLse>(o_acc, m, l, t, [&](int r) {
         const int row = wg_row0 + warp * 16 + g + 8 * r;
-        if (row >= rows) continue;
-        const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
-        const long long index_out = static_cast<long long>(w.q_begin + row / kRowsPerQuery) * kQoHeads + w.head0 + row % kRowsPerQuery;
-        T* out = o + index_out * kHeadDim;
-#pragma unroll
-        for (int d = 0; d < kHeadDim / 8; ++d)
-          *reinterpret_cast<unsigned*>(out + d * 8 + 2 * t) = mma::pack2<T>(o_acc[d][2 * r] * inv, o_acc[d][2 * r + 1] * inv);
-        if constexpr (kLse)
-          if (t == 0) lse[index_out] = l[r] > 0.f ? m[r] + log2f(l[r]) : kNegInf;
-      }
+        return row < rows ? static_cast<long long>(w.q_begin + row / kRowsPerQuery) * kQoHeads + w.head0 + row % kRowsPerQuery
+                          : -1ll;
+      }, o, lse);
     }
 #endif
   }
