@@ -258,7 +258,7 @@ struct DeviceBatch {
 };
 
 // Runs a case through BatchDecode (its own plan), and with a forced split into
-// `forced_chunks` chunks (decode kernel + merge_states by hand); checks both.
+// `forced_chunks` chunks (the plan's override); checks both.
 void run_decode_case(const DecodeCase& c, const std::vector<std::int64_t>& lengths, std::mt19937_64& rng, int forced_chunks = 3) {
   const auto batch = static_cast<std::int64_t>(lengths.size());
   PagedBatch p = make_batch(c, lengths, rng);
@@ -282,13 +282,12 @@ void run_decode_case(const DecodeCase& c, const std::vector<std::int64_t>& lengt
   check_against(c.bf16, ref, d.out.download_as<std::uint16_t>(), c.return_lse ? &lse : nullptr,
                 what + fmt::format(" (plan: {} chunks of {})", plan.num_chunks, plan.chunk_size));
 
-  // A forced split: chunks of ceil(longest / forced_chunks) tokens, merged.
-  std::int64_t longest = 1;
-  for (std::int64_t len : lengths) longest = std::max(longest, c.window > 0 ? std::min(len, c.window) : len);
-  kjit::DecodePlan split{batch, forced_chunks, (longest + forced_chunks - 1) / forced_chunks, 0};
-  split.workspace_bytes = static_cast<std::size_t>(batch * forced_chunks * c.qo_heads * (c.head_dim + 1) + batch * c.qo_heads) * 4 + 768;
+  // A forced split: chunks of ceil(longest / forced_chunks) tokens, merged, on a workspace
+  // of arbitrary contents.
+  const kjit::DecodePlan split = decode.plan(p.indptr, p.last_page_len, forced_chunks);
+  REQUIRE(split.num_chunks == forced_chunks);
   DeviceMemory split_workspace(split.workspace_bytes);
-  split_workspace.fill(0x35);  // any contents
+  split_workspace.fill(0x35);
   d.poison();
   decode.run(split, {d.q.get(), d.k.get(), v_cache, static_cast<const std::int32_t*>(d.indptr.get()),
                      static_cast<const std::int32_t*>(d.indices.get()), static_cast<const std::int32_t*>(d.last.get()),

@@ -97,6 +97,11 @@ kjit_status kjit_batch_decode_create(kjit_engine* engine, const char* spec_json,
 void kjit_batch_decode_destroy(kjit_batch_decode* decode);
 kjit_status kjit_batch_decode_plan(const kjit_batch_decode* decode, const int32_t* kv_indptr,
                                    const int32_t* kv_last_page_len, int64_t batch_size, kjit_decode_plan* out);
+/* The same with the KV split fixed at num_chunks per request (1..65535; 0: the planner's
+ * choice), for variant sweeps. */
+kjit_status kjit_batch_decode_plan_chunks(const kjit_batch_decode* decode, const int32_t* kv_indptr,
+                                          const int32_t* kv_last_page_len, int64_t batch_size, int64_t num_chunks,
+                                          kjit_decode_plan* out);
 kjit_status kjit_batch_decode_run(const kjit_batch_decode* decode, const kjit_decode_plan* plan, const void* q,
                                   const void* k_cache, const void* v_cache, const int32_t* kv_indptr,
                                   const int32_t* kv_indices, const int32_t* kv_last_page_len, void* output,

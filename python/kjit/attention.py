@@ -24,6 +24,9 @@ def _declare():
     _lib.kjit_batch_decode_destroy.restype = None
     _lib.kjit_batch_decode_plan.argtypes = [vp, P(ctypes.c_int32), P(ctypes.c_int32), ctypes.c_int64, P(DecodePlan)]
     _lib.kjit_batch_decode_plan.restype = ctypes.c_int
+    _lib.kjit_batch_decode_plan_chunks.argtypes = [vp, P(ctypes.c_int32), P(ctypes.c_int32), ctypes.c_int64, ctypes.c_int64,
+                                                   P(DecodePlan)]
+    _lib.kjit_batch_decode_plan_chunks.restype = ctypes.c_int
     _lib.kjit_batch_decode_run.argtypes = [vp, P(DecodePlan)] + [vp] * 9 + [ctypes.c_double] * 3 + [vp]
     _lib.kjit_batch_decode_run.restype = ctypes.c_int
 
@@ -47,14 +50,16 @@ class BatchDecode:
             _lib.kjit_batch_decode_destroy(self._handle)
             self._handle = None
 
-    def plan(self, kv_indptr, kv_last_page_len):
+    def plan(self, kv_indptr, kv_last_page_len, num_chunks=0):
+        """num_chunks > 0 fixes the KV split per request instead of the planner's choice."""
         import torch
         indptr = kv_indptr.to("cpu", torch.int32).contiguous()
         last = kv_last_page_len.to("cpu", torch.int32).contiguous()
         plan = DecodePlan()
         as_int32 = ctypes.POINTER(ctypes.c_int32)
-        _check(_lib.kjit_batch_decode_plan(self._handle, ctypes.cast(indptr.data_ptr(), as_int32),
-                                           ctypes.cast(last.data_ptr(), as_int32), last.numel(), ctypes.byref(plan)))
+        _check(_lib.kjit_batch_decode_plan_chunks(self._handle, ctypes.cast(indptr.data_ptr(), as_int32),
+                                                  ctypes.cast(last.data_ptr(), as_int32), last.numel(), num_chunks,
+                                                  ctypes.byref(plan)))
         self._plan = plan
         self._workspace = torch.empty(max(plan.workspace_bytes, 1), dtype=torch.uint8, device=kv_indptr.device)
         return plan

@@ -101,3 +101,36 @@ class ConformanceTest(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+@unittest.skipUnless(has_gpu(), "needs a GPU")
+class DecodeTest(unittest.TestCase):
+    def test_planned_and_forced_splits_match_torch(self):
+        import torch
+        torch.manual_seed(0)
+        heads, kv_heads, dim, page = 8, 2, 128, 16
+        lengths = [1, 300, 17, 0]
+        pages = [(n + page - 1) // page for n in lengths]
+        indptr = torch.tensor([0] + [sum(pages[:i + 1]) for i in range(len(pages))], dtype=torch.int32)
+        last = torch.tensor([n - (p - 1) * page if p else 1 for n, p in zip(lengths, pages)], dtype=torch.int32)
+        indices = torch.randperm(int(indptr[-1])).to(torch.int32)
+        k = torch.randn(int(indptr[-1]), page, kv_heads, dim, dtype=torch.bfloat16, device="cuda")
+        v = torch.randn_like(k)
+        q = torch.randn(len(lengths), heads, dim, dtype=torch.bfloat16, device="cuda")
+        scale = dim ** -0.5
+        decode = kjit.BatchDecode({"op": "batch_decode", "num_qo_heads": heads, "num_kv_heads": kv_heads,
+                                   "head_dim": dim, "page_size": page, "dtype": "bfloat16"})
+        for chunks in (0, 3):
+            plan = decode.plan(indptr, last, num_chunks=chunks)
+            if chunks:
+                self.assertEqual(plan.num_chunks, chunks)
+            out, _ = decode.run(q, k, v, indptr.cuda(), indices.cuda(), last.cuda(), scale,
+                                out=torch.full_like(q, float("nan")))
+            for b, n in enumerate(lengths):
+                rows = indices[indptr[b]:indptr[b + 1]].long().cuda()
+                keys = k[rows].reshape(-1, kv_heads, dim)[:n].float().repeat_interleave(heads // kv_heads, 1)
+                values = v[rows].reshape(-1, kv_heads, dim)[:n].float().repeat_interleave(heads // kv_heads, 1)
+                weights = torch.softmax(torch.einsum("hd,thd->ht", q[b].float(), keys) * scale, dim=-1)
+                expected = torch.einsum("ht,thd->hd", weights, values) if n else torch.zeros_like(q[b].float())
+                error = (out[b].float() - expected).norm() / max(expected.norm(), 1e-6)
+                self.assertLess(error.item(), 1e-2, f"request {b} (length {n}), {plan.num_chunks} chunk(s)")

@@ -165,6 +165,12 @@ void kjit_batch_decode_destroy(kjit_batch_decode* decode) { delete decode; }
 
 kjit_status kjit_batch_decode_plan(const kjit_batch_decode* decode, const int32_t* kv_indptr,
                                    const int32_t* kv_last_page_len, int64_t batch_size, kjit_decode_plan* out) {
+  return kjit_batch_decode_plan_chunks(decode, kv_indptr, kv_last_page_len, batch_size, 0, out);
+}
+
+kjit_status kjit_batch_decode_plan_chunks(const kjit_batch_decode* decode, const int32_t* kv_indptr,
+                                          const int32_t* kv_last_page_len, int64_t batch_size, int64_t num_chunks,
+                                          kjit_decode_plan* out) {
   if (!decode) return null_argument("decode");
   if (!kv_indptr) return null_argument("kv_indptr");
   if (!kv_last_page_len && batch_size > 0) return null_argument("kv_last_page_len");
@@ -172,7 +178,7 @@ kjit_status kjit_batch_decode_plan(const kjit_batch_decode* decode, const int32_
   return guarded([&] {
     if (batch_size < 0) throw kjit::ArgumentError("batch_size is negative");
     const auto n = static_cast<std::size_t>(batch_size);
-    const kjit::DecodePlan p = decode->decode.plan({kv_indptr, n + 1}, {kv_last_page_len, n});
+    const kjit::DecodePlan p = decode->decode.plan({kv_indptr, n + 1}, {kv_last_page_len, n}, num_chunks);
     *out = kjit_decode_plan{p.batch_size, p.num_chunks, p.chunk_size, p.workspace_bytes};
   });
 }
