@@ -91,6 +91,9 @@ void time_calls(BenchResult& r, int iterations, int warm_up, F&& call) {
   Events events;
   std::vector<double> times;
   for (int i = 0; i < iterations; ++i) times.push_back(events.time_ms(call) * 1e3);
+  r.back_to_back_us = events.time_ms([&] {
+    for (int i = 0; i < iterations; ++i) call();
+  }) * 1e3 / std::max(iterations, 1);
   r.median_us = median(times);
   r.min_us = *std::min_element(times.begin(), times.end());
   r.gbps = r.bytes / (r.median_us * 1e-6) / 1e9;

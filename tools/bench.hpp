@@ -16,6 +16,9 @@ struct BenchResult {
   std::map<std::string, std::int64_t> shape;
   double median_us = 0;
   double min_us = 0;
+  // The same calls queued back to back (one event pair around all of them, per call): no
+  // idle GPU waiting for each launch, as in a server's stream or graph.
+  double back_to_back_us = 0;
   double bytes = 0;  // each input read once, each output written once
   double gbps = 0;
 };
