@@ -7,7 +7,7 @@
 """
 import ctypes
 
-from . import _check, _lib, _spec_text, default_engine
+from . import ArgumentError, _check, _lib, _spec_text, default_engine
 
 
 class DecodePlan(ctypes.Structure):
@@ -61,7 +61,6 @@ class BatchDecode:
                                                   ctypes.cast(last.data_ptr(), as_int32), last.numel(), num_chunks,
                                                   ctypes.byref(plan)))
         self._plan = plan
-        self._workspace = torch.empty(max(plan.workspace_bytes, 1), dtype=torch.uint8, device=kv_indptr.device)
         return plan
 
     def run(self, q, k_cache, v_cache, kv_indptr, kv_indices, kv_last_page_len, sm_scale, out=None, lse=None,
@@ -69,8 +68,19 @@ class BatchDecode:
         """v_cache is None for a combined [pages, 2, ...] cache passed as k_cache; k_scale and
         v_scale dequantize an fp8 cache."""
         import torch
+        tensors = {"q": q, "k_cache": k_cache, "v_cache": v_cache, "kv_indptr": kv_indptr, "kv_indices": kv_indices,
+                   "kv_last_page_len": kv_last_page_len, "out": out, "lse": lse}
+        for name, t in tensors.items():
+            if t is not None and t.device != q.device:
+                raise ArgumentError(f"BatchDecode.run: {name} is on {t.device}, q on {q.device}; all must be on one GPU")
+        if not q.is_cuda:
+            raise ArgumentError(f"BatchDecode.run: the tensors must be on a GPU, got {q.device}")
         if self._plan is None:
             self.plan(kv_indptr, kv_last_page_len)
+        # On q's device (plan may have been given host copies), grown as plans need.
+        needed = max(self._plan.workspace_bytes, 1)
+        if self._workspace is None or self._workspace.device != q.device or self._workspace.numel() < needed:
+            self._workspace = torch.empty(needed, dtype=torch.uint8, device=q.device)
         if out is None:
             out = torch.empty_like(q)
         if lse is None:

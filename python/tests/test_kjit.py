@@ -126,6 +126,7 @@ class DecodeTest(unittest.TestCase):
                 self.assertEqual(plan.num_chunks, chunks)
             out, _ = decode.run(q, k, v, indptr.cuda(), indices.cuda(), last.cuda(), scale,
                                 out=torch.full_like(q, float("nan")))
+            torch.cuda.synchronize()
             for b, n in enumerate(lengths):
                 rows = indices[indptr[b]:indptr[b + 1]].long().cuda()
                 keys = k[rows].reshape(-1, kv_heads, dim)[:n].float().repeat_interleave(heads // kv_heads, 1)
@@ -134,3 +135,6 @@ class DecodeTest(unittest.TestCase):
                 expected = torch.einsum("ht,thd->hd", weights, values) if n else torch.zeros_like(q[b].float())
                 error = (out[b].float() - expected).norm() / max(expected.norm(), 1e-6)
                 self.assertLess(error.item(), 1e-2, f"request {b} (length {n}), {plan.num_chunks} chunk(s)")
+        with self.assertRaises(kjit.ArgumentError) as e:  # a host tensor where the kernel needs device memory
+            decode.run(q, k, v, indptr, indices.cuda(), last.cuda(), scale)
+        self.assertIn("kv_indptr is on cpu", str(e.exception))
