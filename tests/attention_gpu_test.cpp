@@ -721,11 +721,12 @@ TEST_CASE("batch prefill matches float64 attention on ragged requests", "[gpu][a
     run_prefill_case(window5, lengths, rng);
   }
   run_prefill_case({32, 2, 128}, lengths, rng);
-  // The warp-specialized form: head dims, groups, masks, score options, paged layouts and
-  // page sizes, rows of one head, a group of 5, a long request (ring phases wrap), and on
-  // sm_90 (no wgmma) its mma.sync fallback.
+  // The warp-specialized form alone (no short form, whatever the batch):
+  // head dims, groups, masks, score options, paged layouts and page sizes, rows of one head,
+  // a group of 5, a long request (ring phases wrap), and on sm_90 (no wgmma) its mma.sync
+  // fallback.
   {
-    const std::string ws = R"(, "warp_specialized": true)";
+    const std::string ws = R"(, "warp_specialized": true, "short_form_max_qo_len": 0)";
     std::vector<PrefillCase> cases;
     for (std::int64_t head_dim : {64, 128})
       for (std::int64_t group : {1, 4, 8})
@@ -761,6 +762,14 @@ TEST_CASE("batch prefill matches float64 attention on ragged requests", "[gpu][a
       fallback.arch = "sm_90";
       run_prefill_case(fallback, lengths, rng);
     }
+  }
+  // The default at head_dim 128 on either side of its short-form threshold (16 queries): the
+  // short form up to it, the warp-specialized form past it.
+  for (std::int64_t page_size : {0, 16}) {
+    PrefillCase c{8, 2, 128};
+    c.page_size = page_size;
+    run_prefill_case(c, {{16, 16}, {1, 40}, {0, 3}, {5, 300}}, rng);
+    run_prefill_case(c, {{17, 17}, {1, 40}, {0, 3}, {5, 300}}, rng);
   }
   // The form without warp specialization at head_dim 128 (the default there is the other).
   for (std::int64_t page_size : {0, 16}) {

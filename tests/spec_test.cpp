@@ -100,7 +100,19 @@ TEST_CASE("attention plans: prefill blocks and the merge's few-row form", "[spec
   CHECK(one.launch.grid[2].divisor == 128 / 4);  // the work: 128 rows of 32 queries x 4 heads per item
   CHECK(one.launch.persistent_blocks_per_sm == 1);
   CHECK(one.launch.dynamic_shared_bytes == (128 + 2 * 3 * 128) * 128 * 2 + 1024 + 256);  // 3 K/V stages
+  // Launches of short requests (max_qo_len <= 16) take the other form's entry point.
+  REQUIRE(one.conditional_launches.size() == 1);
+  CHECK(one.conditional_launches[0].entry == "kjit_batch_prefill_short");
+  CHECK(one.conditional_launches[0].at_most == 16);
+  CHECK(one.conditional_launches[0].block[0] == 128);
+  CHECK(one.conditional_launches[0].persistent_blocks_per_sm == 0);
+  CHECK(one.params[static_cast<std::size_t>(one.conditional_launches[0].when_param)].name == "max_qo_len");
+  const auto alone = plan("{" + prefill + R"(, "short_form_max_qo_len": 0})");
+  CHECK(alone.conditional_launches.empty());
+  CHECK(alone.spec["short_form_max_qo_len"] == 0);
+  CHECK(plan(alone.spec.dump()).conditional_launches.empty());
   const auto other = plan("{" + prefill + R"(, "warp_specialized": false})");
+  CHECK(other.conditional_launches.empty());
   CHECK(other.spec["warp_specialized"] == false);
   CHECK(other.launch.block[0] == 128);
   CHECK(other.launch.grid[2].divisor == 64 / 4);  // 64 rows of 16 queries x 4 heads per block
@@ -233,6 +245,9 @@ TEST_CASE("spec refusals name the field, the value and what is allowed", "[spec]
   CHECK_THAT(refusal("{" + prefill + R"(, "warpgroup_mma": false, "warp_specialized": true})"),
              Contains("field \"warp_specialized\"") && Contains("needs warpgroup_mma"));
   CHECK_THAT(refusal("{" + prefill + R"(, "warp_specialized": true, "keys_per_tile": 64})"), Contains("field \"keys_per_tile\""));
+  CHECK_THAT(refusal("{" + prefill + R"(, "warp_specialized": false, "short_form_max_qo_len": 64})"),
+             Contains("field \"short_form_max_qo_len\"") && Contains("warp-specialized"));
+  CHECK_THAT(refusal("{" + prefill + R"(, "short_form_max_qo_len": -1})"), Contains("field \"short_form_max_qo_len\""));
   CHECK(refusal(R"([1, 2])") == "spec must be a JSON object, got array");
   CHECK(refusal(R"({"hidden_size": 4096})").find("spec has no \"op\" field") == 0);
   CHECK(refusal("{\"op\": \"rmsnorm\",\n \"hidden_size\": 4096,,}").find("spec is not valid JSON: parse error at line 2, column 22") == 0);

@@ -23,7 +23,9 @@
 //     (a persistent kernel, one block per SM, in which a warpgroup copies K/V tiles of 128
 //     keys for two wgmma warpgroups of 64 rows; default true at head_dim 128 unless
 //     keys_per_tile or warpgroups is given; needs warpgroup_mma and head_dim <= 128; without
-//     sm_90a the block runs the mma.sync form on two of its warpgroups)
+//     sm_90a the block runs the mma.sync form on two of its warpgroups), short_form_max_qo_len
+//     (warp-specialized: launches with max_qo_len up to it run the other form, default 16,
+//     0: never)
 //   {"op": "append_paged_kv_cache", "num_kv_heads": 8, "head_dim": 128, "page_size": 16,
 //    "dtype": "bfloat16"}    (kv_layout, kv_storage as above; dtype may be float8_e4m3)
 //   {"op": "merge_states" | "merge_state", "num_heads": 32, "head_dim": 128,
@@ -202,6 +204,12 @@ class AttentionFamily final : public Family {
     if (warp_specialized && tunes_other_form)
       fields.fail(fields.has("keys_per_tile") ? "keys_per_tile" : "warpgroups",
                   "tunes the form without warp specialization (\"warp_specialized\": false)");
+    // Warp-specialized: launches with max_qo_len up to this run the other form (0: never).
+    const std::int64_t default_short_form = 16;
+    const std::int64_t short_form_max_qo_len =
+        fields.integer("short_form_max_qo_len", 0, std::numeric_limits<std::int32_t>::max(), default_short_form);
+    if (fields.has("short_form_max_qo_len") && !warp_specialized)
+      fields.fail("short_form_max_qo_len", "chooses between forms of the warp-specialized kernel (\"warp_specialized\": true)");
     fields.finish();
     const auto [qo_heads, kv_heads, head_dim, dtype, return_lse, soft_cap, window] = a;
 
@@ -213,6 +221,7 @@ class AttentionFamily final : public Family {
     if (!warpgroup_mma) plan.spec["warpgroup_mma"] = false;
     if (warpgroups != default_warpgroups) plan.spec["warpgroups"] = warpgroups;
     if (warp_specialized != specialized_by_default) plan.spec["warp_specialized"] = warp_specialized;
+    if (warp_specialized && short_form_max_qo_len != default_short_form) plan.spec["short_form_max_qo_len"] = short_form_max_qo_len;
     if (paged)
       plan.spec.update({{"paged", true}, {"page_size", page_size}, {"kv_layout", layout},
                         {"kv_storage", combined ? "combined" : "separate"}});
@@ -240,34 +249,55 @@ class AttentionFamily final : public Family {
     p.push_back(integer_param("max_qo_len", 0, std::numeric_limits<std::int32_t>::max()));  // the longest request's queries
     p.push_back(real_param("sm_scale"));
 
-    // 64 query rows per MMA warpgroup; K/V tiles double-buffered (Q, 2 K and 2 V tiles, 1 KB
-    // to align them); warp-specialized: two MMA warpgroups, a copying one, 128-key tiles
-    // and 256 bytes of mbarriers.
-    const std::int64_t rows = warp_specialized ? 128 : 64 * warpgroups;
-    const std::int64_t tile_keys = warp_specialized ? 128 : keys;
-    const std::int64_t threads = warp_specialized ? 384 : 128 * warpgroups;
-    // Warp-specialized: as many K/V stages (a K and a V tile each) as the 227 KB an SM gives
-    // a block holds, at most 4 (3 at head_dim 128).
-    const std::int64_t stages =
-        warp_specialized ? std::min<std::int64_t>(4, (227 * 1024 - rows * head_dim * 2 - 1024 - 256) / (2 * tile_keys * head_dim * 2)) : 2;
-    const std::int64_t shared_bytes = (rows + 2 * stages * tile_keys) * head_dim * 2 + 1024 + (warp_specialized ? 256 : 0);
     plan.template_params.update({{"causal", causal}, {"paged", paged}, {"page_size", page_size}, {"kv_layout", layout},
-                                 {"combined", combined}, {"pack_gqa", pack_gqa}, {"warpgroup_mma", warpgroup_mma}, {"warpgroups", warpgroups},
-                                 {"warp_specialized", warp_specialized}, {"rows_per_block", rows}, {"keys_per_tile", tile_keys},
-                                 {"threads", threads}, {"stages", stages}, {"shared_bytes", shared_bytes}});
-    plan.launch.block[0] = static_cast<std::uint32_t>(threads);
-    plan.launch.dynamic_shared_bytes = static_cast<std::uint32_t>(shared_bytes);
-    // Packed: ceil(max_qo_len * group / 64) tiles, as ceil(max_qo_len / (64 / group)) (a few
-    // idle blocks when group does not divide 64); one block row per KV head.
+                                 {"combined", combined}, {"pack_gqa", pack_gqa}, {"warpgroup_mma", warpgroup_mma},
+                                 {"warp_specialized", warp_specialized}});
+    // One entry point per form: its template parameters and its launch. 64 query rows per MMA
+    // warpgroup; K/V tiles double-buffered (Q, 2 K and 2 V tiles, 1 KB to align them);
+    // warp-specialized: two MMA warpgroups, a copying one, 128-key tiles and 256 bytes of
+    // mbarriers, as many K/V stages (a K and a V tile each) as the 227 KB an SM gives a block
+    // holds, at most 4 (3 at head_dim 128).
     const std::int64_t group = qo_heads / kv_heads;
-    // (heads, requests, row tiles): tiles slowest, so the longest causal tiles of every
-    // request start first (8 x 1024 causal: 322.8 -> 330.8-339.5 TFLOP/s with wgmma, H100).
-    plan.launch.grid[0] = GridDim{-1, 1, static_cast<std::uint32_t>(pack_gqa ? kv_heads : qo_heads)};
-    plan.launch.grid[1] = GridDim{param_index(p, "batch_size"), 1};
-    plan.launch.grid[2] = GridDim{param_index(p, "max_qo_len"), pack_gqa ? rows / group : rows};
-    // Warp-specialized: persistent, one block per SM walking the grid above, so a block's
-    // copies of its next item overlap the end of its current one.
-    if (warp_specialized) plan.launch.persistent_blocks_per_sm = 1;
+    nlohmann::json forms = nlohmann::json::array();
+    auto add_form = [&](LaunchRule& launch, const std::string& entry, bool specialized, std::int64_t form_keys,
+                        std::int64_t form_warpgroups) {
+      const std::int64_t rows = specialized ? 128 : 64 * form_warpgroups;
+      const std::int64_t tile_keys = specialized ? 128 : form_keys;
+      const std::int64_t threads = specialized ? 384 : 128 * form_warpgroups;
+      const std::int64_t stages =
+          specialized ? std::min<std::int64_t>(4, (227 * 1024 - rows * head_dim * 2 - 1024 - 256) / (2 * tile_keys * head_dim * 2)) : 2;
+      const std::int64_t shared_bytes = (rows + 2 * stages * tile_keys) * head_dim * 2 + 1024 + (specialized ? 256 : 0);
+      forms.push_back({{"entry", entry}, {"warp_specialized", specialized}, {"rows", rows}, {"keys_per_tile", tile_keys},
+                       {"warpgroups", form_warpgroups}, {"threads", threads}, {"stages", stages}, {"shared_bytes", shared_bytes}});
+      launch.entry = entry;
+      launch.block[0] = static_cast<std::uint32_t>(threads);
+      launch.dynamic_shared_bytes = static_cast<std::uint32_t>(shared_bytes);
+      // (heads, requests, row tiles): tiles slowest, so the longest causal tiles of every
+      // request start first (8 x 1024 causal: 322.8 -> 330.8-339.5 TFLOP/s with wgmma, H100).
+      // Packed: ceil(max_qo_len * group / 64) tiles, as ceil(max_qo_len / (64 / group)) (a few
+      // idle blocks when group does not divide 64); one block row per KV head.
+      launch.grid[0] = GridDim{-1, 1, static_cast<std::uint32_t>(pack_gqa ? kv_heads : qo_heads)};
+      launch.grid[1] = GridDim{param_index(p, "batch_size"), 1};
+      launch.grid[2] = GridDim{param_index(p, "max_qo_len"), pack_gqa ? rows / group : rows};
+      // Warp-specialized: persistent, one block per SM walking the grid above, so a block's
+      // copies of its next item overlap the end of its current one.
+      if (specialized) launch.persistent_blocks_per_sm = 1;
+    };
+    // Warp-specialized: launches whose requests have at most short_form_max_qo_len queries
+    // (speculative decoding, append attention) run the other form, whose blocks of 64 rows
+    // (16 queries of a group of 4) are full there. H100, 64 requests of 16 queries over 4096
+    // keys: 372.4 against 385.2 us. Not further: its blocks are slower per key, and with 64
+    // queries over 4096 keys it took 1449 against 766 us (with 32 over 32 keys, 85.8 against
+    // 110.2; the rule sees max_qo_len, not the keys).
+    if (warp_specialized && short_form_max_qo_len > 0) {
+      LaunchRule short_form;
+      short_form.when_param = param_index(p, "max_qo_len");
+      short_form.at_most = short_form_max_qo_len;
+      add_form(short_form, plan.entry + "_short", false, default_keys, default_warpgroups);
+      plan.conditional_launches.push_back(short_form);
+    }
+    add_form(plan.launch, plan.entry, warp_specialized, keys, warpgroups);
+    plan.template_params["forms"] = forms;
     return plan;
   }
 
