@@ -99,9 +99,6 @@ class ConformanceTest(unittest.TestCase):
                          ["len_indptr == batch_size + 1"])
 
 
-if __name__ == "__main__":
-    unittest.main()
-
 
 @unittest.skipUnless(has_gpu(), "needs a GPU")
 class DecodeTest(unittest.TestCase):
@@ -138,3 +135,7 @@ class DecodeTest(unittest.TestCase):
         with self.assertRaises(kjit.ArgumentError) as e:  # a host tensor where the kernel needs device memory
             decode.run(q, k, v, indptr, indices.cuda(), last.cuda(), scale)
         self.assertIn("kv_indptr is on cpu", str(e.exception))
+
+
+if __name__ == "__main__":
+    unittest.main()
