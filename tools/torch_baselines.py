@@ -12,10 +12,20 @@ dev = "cuda"
 torch.manual_seed(0)
 
 
-def bench(fn, iters=200, warm=20):
+def bench(fn, iters=200, warm=20, back_to_back=False):
+    """Median of calls timed one by one, or with back_to_back the per-call time of the calls
+    queued one after another (one event pair around all of them)."""
     for _ in range(warm):
         fn()
     torch.cuda.synchronize()
+    if back_to_back:
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(iters):
+            fn()
+        b.record()
+        b.synchronize()
+        return a.elapsed_time(b) * 1e3 / iters
     ts = []
     for _ in range(iters):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -25,19 +35,6 @@ def bench(fn, iters=200, warm=20):
         b.synchronize()
         ts.append(a.elapsed_time(b) * 1e3)
     return statistics.median(ts)
-
-def bench_back_to_back(fn, iters=50, warm=10):
-    """Per call, with the calls queued back to back (one event pair around all of them)."""
-    for _ in range(warm):
-        fn()
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(iters):
-        fn()
-    b.record()
-    b.synchronize()
-    return a.elapsed_time(b) * 1e3 / iters
 
 
 def fp8_quant(y):
@@ -125,7 +122,7 @@ def attention():
         def sdpa():
             return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
         t = bench(sdpa, iters=50, warm=10)
-        tb = bench_back_to_back(sdpa)
+        tb = bench(sdpa, iters=50, warm=10, back_to_back=True)
         nbytes = 2 * k.numel() * 2 + 2 * q.numel() * 2
         print(f"{f'batch {batch} kv {kv_len}':<60} {t:>10.1f} {nbytes / (t * 1e-6) / 1e9:>8.0f}"
               f" {tb:>16.1f} {nbytes / (tb * 1e-6) / 1e9:>8.0f}")

@@ -192,8 +192,9 @@ class AttentionFamily final : public Family {
     // The warp-specialized form (a copying warpgroup feeding two wgmma warpgroups, 128-key
     // tiles; prefill_warp_specialized.cuh), the default at head_dim 128: causal 8192 562
     // against 457 TFLOP/s, paged 535 against 411, non-causal 599 against 454, ragged 8 x 1024
-    // equal, append attention 385 against 375 us (H100). At head_dim 64 it is slower (366
-    // against 411), so there it is on request. keys_per_tile and warpgroups tune the other form.
+    // equal, append attention 385 against 375 us (H100; such short batches now run the other
+    // form, short_form_max_qo_len). At head_dim 64 it is slower (366 against 411), so there it
+    // is on request. keys_per_tile and warpgroups tune the other form.
     const bool can_specialize = warpgroup_mma && a.head_dim <= 128;
     const bool specialized_by_default = can_specialize && a.head_dim == 128;
     const bool tunes_other_form = fields.has("keys_per_tile") || fields.has("warpgroups");
