@@ -4,8 +4,8 @@
 // Persistent: one block of 3 warpgroups per SM walks the work items (head block, request,
 // 128-row tile) in ItemOrder's order, so the copies of its next item overlap the end of
 // the current one.
-// - warpgroup 0, the producer, gives most of its registers back (setmaxnreg) and copies Q,
-//   then the K and V tiles of 128 keys (K_j before V_{j-1}, the order they are used) into
+// - warpgroup 0, the producer, gives most of its registers back (setmaxnreg) and copies
+//   K_0, Q, then the K and V tiles of 128 keys (K_j before V_{j-1}, the order they are used) into
 //   a ring of kStages stages with cp.async; each copy arrives on its stage's `full`
 //   barrier when it lands (cp.async.mbarrier.arrive), so the producer never waits for its
 //   own copies, only for a stage to be released. cp.async by 128 threads (not TMA) keeps
@@ -281,20 +281,28 @@ struct WarpSpecializedPrefill {
         const WorkItem w = work_item(index);
         if (!w.has_tiles()) continue;
         const int kv_len = w.kv.length();
-        bulk::barrier_wait(q_empty, (q_round++ & 1) ^ 1);  // a fresh barrier's "previous" phase has completed
+        // In the order the consumers use them: K_0, Q, then K_j before V_{j-1}. K_0 goes
+        // before Q because its stage is free earlier (the consumers release K stages as each
+        // S lands, Q only after the item's last S), so only Q is left to copy then.
+        {
+          const int stage = tile_count % kStages;
+          bulk::barrier_wait(&k_empty[stage], ((tile_count / kStages) & 1) ^ 1);  // a fresh barrier's "previous" phase has completed
+          copy_kv_tile(k_tiles + stage * kTileElements, k, w.kv, kv_indices, w.kv_head, w.first_tile * kKeys, kv_len);
+          mma::copy_arrive(&k_full[stage]);
+        }
+        bulk::barrier_wait(q_empty, (q_round++ & 1) ^ 1);
         copy_rows<kRows>(q_tile, q, [&](int row) {
           return (static_cast<long long>(w.q_begin + row / kRowsPerQuery) * kQoHeads + w.head0 + row % kRowsPerQuery) * kHeadDim;
         }, w.row0, w.rows);
         mma::copy_arrive(q_full);
-        // In the order the consumers use them: K_0, then K_j before V_{j-1}.
-        for (int j = w.first_tile; j <= w.end_tile; ++j) {
+        for (int j = w.first_tile + 1; j <= w.end_tile; ++j) {
           if (j < w.end_tile) {
             const int n = tile_count + (j - w.first_tile), stage = n % kStages;
-            bulk::barrier_wait(&k_empty[stage], ((n / kStages) & 1) ^ 1);  // a fresh barrier's "previous" phase has completed
+            bulk::barrier_wait(&k_empty[stage], ((n / kStages) & 1) ^ 1);
             copy_kv_tile(k_tiles + stage * kTileElements, k, w.kv, kv_indices, w.kv_head, j * kKeys, kv_len);
             mma::copy_arrive(&k_full[stage]);
           }
-          if (j > w.first_tile) {
+          {
             const int n = tile_count + (j - 1 - w.first_tile), stage = n % kStages;
             bulk::barrier_wait(&v_empty[stage], ((n / kStages) & 1) ^ 1);
             copy_kv_tile(v_tiles + stage * kTileElements, v, w.kv, kv_indices, w.kv_head, (j - 1) * kKeys, kv_len);
