@@ -53,6 +53,11 @@ struct WarpSpecializedPrefill {
   // 128 x 56 + 256 x 224 registers <= 65536: a consumer holds S (64 floats), P (32) and O
   // (head_dim / 2) at once (at 168 it spills, at 200 it does with a soft cap and a window).
   static constexpr int kProducerRegisters = 56, kConsumerRegisters = 224;
+  // The block starts with 65536 / kThreads registers a thread, rounded down to 8; the
+  // consumers' setmaxnreg.inc waits until the producer's decrease frees enough, forever if
+  // it never can (32 / 240 hung an H100).
+  static_assert(128 * kProducerRegisters + 128 * kConsumers * kConsumerRegisters <= kThreads * (65536 / kThreads / 8 * 8),
+                "the consumers' registers come from the producer's");
   static constexpr float kLog2e = 1.4426950408889634f;
   static_assert(sizeof(T) == 2, "16-bit inputs");
   static_assert(kHeadDim == 64 || kHeadDim == 128, "the consumers' O accumulators fit head_dim <= 128");
