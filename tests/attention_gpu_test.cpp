@@ -300,6 +300,43 @@ void run_decode_case(const DecodeCase& c, const std::vector<std::int64_t>& lengt
                 what + fmt::format(" (forced split: {} chunks of {})", forced_chunks, split.chunk_size));
 }
 
+// Split decodes queued back to back on one workspace, each with its own queries and
+// output, no synchronization between them: a decode that wrote the workspace while the
+// previous split's merge still read it (say, launched to overlap that merge without waiting
+// for it) would corrupt the earlier outputs.
+void run_back_to_back(const DecodeCase& c, const std::vector<std::int64_t>& lengths, std::mt19937_64& rng, int chunks,
+                      int runs) {
+  const auto batch = static_cast<std::int64_t>(lengths.size());
+  PagedBatch p = make_batch(c, lengths, rng);
+  const double sm_scale = 1.0 / std::sqrt(static_cast<double>(c.head_dim));
+  const Half16 h{c.bf16};
+  std::normal_distribution<float> normal;
+  std::vector<std::vector<std::uint16_t>> queries;
+  std::vector<DeviceMemory> q, out;
+  for (int r = 0; r < runs; ++r) {
+    for (auto& x : p.q) x = h.encode(normal(rng));
+    queries.push_back(p.q);
+    q.push_back(to_device(p.q));
+    out.emplace_back(static_cast<std::size_t>(batch * c.qo_heads * c.head_dim) * 2);
+    out.back().fill(0xff);
+  }
+  DeviceBatch d(c, p, batch);
+  kjit::BatchDecode decode(engine(), c.spec());
+  const kjit::DecodePlan split = decode.plan(p.indptr, p.last_page_len, chunks);
+  DeviceMemory workspace(split.workspace_bytes);
+  for (int r = 0; r < runs; ++r)
+    decode.run(split, {q[r].get(), d.k.get(), d.v.get(), static_cast<const std::int32_t*>(d.indptr.get()),
+                       static_cast<const std::int32_t*>(d.indices.get()), static_cast<const std::int32_t*>(d.last.get()),
+                       out[r].get(), nullptr, workspace.get(), 1.f, 1.f},
+               sm_scale);
+  synchronize();
+  for (int r = 0; r < runs; ++r) {
+    p.q = queries[static_cast<std::size_t>(r)];
+    check_against(c.bf16, reference_decode(c, p, batch, sm_scale), out[static_cast<std::size_t>(r)].download_as<std::uint16_t>(),
+                  nullptr, fmt::format("{} back to back, run {} of {} ({} chunks)", c.spec(), r + 1, runs, chunks));
+  }
+}
+
 }  // namespace
 
 TEST_CASE("batch decode matches float64 attention over the page table", "[gpu][attention]") {
@@ -327,6 +364,13 @@ TEST_CASE("batch decode: batch 1, long KV split over blocks, and the spec option
   run_decode_case({32, 8, 128, 16, "NHD", true, 0, 100}, {3000, 17, 0, 100, 101}, rng);      // sliding window
   run_decode_case({16, 16, 256, 32, "NHD", true, 0, 0, false}, {2000, 5, 0}, rng);          // no lse
   run_decode_case({64, 4, 64, 64, "HND"}, {1, 2, 3}, rng);                                   // group 16, tiny
+}
+
+TEST_CASE("batch decode: split decodes back to back on one workspace", "[gpu][attention]") {
+  std::mt19937_64 rng(17);
+  const DecodeCase no_lse{32, 8, 128, 16, "NHD", true, 0, 0, false};
+  run_back_to_back(no_lse, {32768}, rng, 33, 4);
+  run_back_to_back(no_lse, {4000, 17, 0, 2500}, rng, 5, 4);
 }
 
 TEST_CASE("batch decode: fp8 e4m3 KV with scales, and K/V combined in one tensor", "[gpu][attention]") {
