@@ -50,7 +50,7 @@ struct WarpSpecializedPrefill {
   static constexpr int kBarrierBytes = 256;
   static_assert((2 + 4 * kStages) * 8 <= kBarrierBytes, "the barriers fit");
   static constexpr int kSharedBytes = (kRows + 2 * kStages * kKeys) * kHeadDim * 2 + 1024 + kBarrierBytes;
-  // 128 x 56 + 256 x 224 registers <= 65536: a consumer holds S (64 floats), P (32) and O
+  // 56 + 2 x 224 = 3 x 168 registers a thread: a consumer holds S (64 floats), P (32) and O
   // (head_dim / 2) at once (at 168 it spills, at 200 it does with a soft cap and a window).
   static constexpr int kProducerRegisters = 56, kConsumerRegisters = 224;
   // The block starts with 65536 / kThreads registers a thread, rounded down to 8; the
