@@ -101,6 +101,7 @@ int cmd_compile(const std::string& spec, const std::string& arch, const EngineOp
   fmt::print("time       {:.1f} ms (NVRTC {:.1f} ms when compiled)\n", ms, a.info.compile_seconds * 1e3);
   fmt::print("registers  {}  spill stores {} bytes  stack {} bytes  cubin {}\n", a.info.registers, a.info.spill_bytes,
              a.info.stack_bytes, human_bytes(static_cast<double>(a.info.cubin_bytes)));
+  if (!a.info.performance_warnings.empty()) fmt::print("ptxas      {}\n", a.info.performance_warnings);
   fmt::print("cache      {}\n", engine.cache_dir().empty() ? "(off)" : engine.cache_dir());
   return 0;
 }
@@ -134,6 +135,7 @@ int cmd_pregen(const std::string& config_path, const std::string& arch_list, con
         nlohmann::json meta = {{"spec", nlohmann::json::parse(a.info.spec)}, {"op", a.info.op}, {"entry", a.info.entry},
                                {"arch", a.info.arch}, {"key", a.info.key}, {"registers", a.info.registers},
                                {"spill_bytes", a.info.spill_bytes}, {"stack_bytes", a.info.stack_bytes},
+                               {"performance_warnings", a.info.performance_warnings},
                                {"compile_seconds", a.info.compile_seconds},
                                {"nvrtc", compile::nvrtc_version()}};
         writer.add(a.info.source_key, meta, a.cubin);

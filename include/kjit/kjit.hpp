@@ -131,6 +131,9 @@ struct KernelInfo {
   int registers = -1;          // per thread, from the cubin
   int spill_bytes = -1;        // spill stores per thread, from the cubin
   int stack_bytes = -1;        // local memory per thread (spills, arrays not kept in registers)
+  // ptxas' "Potential Performance Loss" notes, one per line: wgmma serialized (a tensor-core
+  // kernel several times slower than it should be), and the like. "" when none.
+  std::string performance_warnings;
   std::size_t cubin_bytes = 0;
   std::vector<Param> params;
 };

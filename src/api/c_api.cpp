@@ -90,7 +90,8 @@ std::string info_json(const kjit::KernelInfo& i) {
   return nlohmann::json{{"op", i.op}, {"spec", nlohmann::json::parse(i.spec)}, {"entry", i.entry}, {"arch", i.arch},
                         {"key", i.key}, {"source_key", i.source_key}, {"source", std::string(kjit::to_string(i.source))},
                         {"registers", i.registers}, {"spill_bytes", i.spill_bytes},
-                        {"stack_bytes", i.stack_bytes}, {"params", params}}
+                        {"stack_bytes", i.stack_bytes}, {"performance_warnings", i.performance_warnings},
+                        {"params", params}}
       .dump();
 }
 }  // namespace

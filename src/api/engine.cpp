@@ -69,6 +69,7 @@ struct Engine::Impl {
       a.info.registers = meta.value("registers", -1);
       a.info.spill_bytes = meta.value("spill_bytes", -1);
       a.info.stack_bytes = meta.value("stack_bytes", -1);
+      a.info.performance_warnings = meta.value("performance_warnings", std::string());
     };
 
     {
@@ -141,6 +142,9 @@ struct Engine::Impl {
     if (c.stack_bytes > 0)
       log::warn(fmt::format("{} on {} uses {} bytes of local memory per thread ({} of them spills)", a.info.entry, arch_name,
                             c.stack_bytes, std::max(c.spill_bytes, 0)));
+    a.info.performance_warnings = c.performance_warnings;
+    if (!c.performance_warnings.empty())
+      log::warn(fmt::format("{} on {}: ptxas: {}", a.info.entry, arch_name, c.performance_warnings));
     if (disk) disk->store(a.info.key, {metadata(a, nvrtc, nvrtc_options), a.cubin});
     remember(a);
     return a;
@@ -151,7 +155,8 @@ struct Engine::Impl {
             {"arch", a.info.arch}, {"key", a.info.key}, {"source_key", a.info.source_key},
             {"nvrtc", nvrtc}, {"options", nvrtc_options}, {"kjit_version", std::string(kjit::version())},
             {"compile_seconds", a.info.compile_seconds}, {"registers", a.info.registers},
-            {"spill_bytes", a.info.spill_bytes}, {"stack_bytes", a.info.stack_bytes}};
+            {"spill_bytes", a.info.spill_bytes}, {"stack_bytes", a.info.stack_bytes},
+            {"performance_warnings", a.info.performance_warnings}};
   }
 
   std::string current_arch() {

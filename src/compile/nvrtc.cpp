@@ -139,6 +139,16 @@ std::string annotate(const std::string& log, const std::string& name, const std:
 
 }  // namespace
 
+std::string performance_warnings(const std::string& ptxas_log) {
+  static const std::regex note(R"(Potential Performance Loss: ([^\n]*))");
+  std::string notes;
+  for (std::sregex_iterator it(ptxas_log.begin(), ptxas_log.end(), note), end; it != end; ++it) {
+    if (!notes.empty()) notes += '\n';
+    notes += (*it)[1].str();
+  }
+  return notes;
+}
+
 bool nvrtc_available(std::string* why) {
   const NvrtcApi& a = api();
   if (why) *why = a.error;
@@ -236,6 +246,7 @@ CompileResult compile_cubin(const std::string& source, const std::string& name, 
   result.registers = largest(regs);
   result.spill_bytes = largest(spills);
   result.stack_bytes = largest(stack);
+  result.performance_warnings = performance_warnings(log);
   result.log = std::move(log);
   return result;
 }

@@ -16,6 +16,8 @@ struct CompileResult {
   int registers = -1;    // per thread
   int spill_bytes = -1;  // spill stores, bytes per thread
   int stack_bytes = -1;  // local memory frame per thread: spills, and arrays not kept in registers
+  // ptxas' "Potential Performance Loss" notes, one per line (e.g. wgmma serialized); "" if none.
+  std::string performance_warnings;
 };
 
 using HeaderList = std::vector<std::pair<std::string, std::string>>;  // (include name, text)
@@ -40,6 +42,9 @@ std::vector<std::string> compile_options(std::string_view arch);
 // $CUDA_HOME/include, $CUDA_PATH/include, /usr/local/cuda/include, or the
 // build-time one; "" if none has cuda_fp16.h.
 std::string cuda_include_dir();
+
+// ptxas' "Potential Performance Loss" notes in a compile log, one per line; "" if none.
+std::string performance_warnings(const std::string& ptxas_log);
 
 // Compiles; CompileError carries NVRTC's log and the source lines it names.
 CompileResult compile_cubin(const std::string& source, const std::string& name, const HeaderList& headers,
