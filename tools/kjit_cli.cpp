@@ -14,6 +14,7 @@
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
+#include "api/artifact_metadata.hpp"
 #include "bench.hpp"
 #include "cache/bundle.hpp"
 #include "cache/disk_cache.hpp"
@@ -132,13 +133,8 @@ int cmd_pregen(const std::string& config_path, const std::string& arch_list, con
     for (std::size_t i; (i = next++) < work.size();) {
       try {
         Artifact a = engine.build(work[i].spec, work[i].arch);
-        nlohmann::json meta = {{"spec", nlohmann::json::parse(a.info.spec)}, {"op", a.info.op}, {"entry", a.info.entry},
-                               {"arch", a.info.arch}, {"key", a.info.key}, {"registers", a.info.registers},
-                               {"spill_bytes", a.info.spill_bytes}, {"stack_bytes", a.info.stack_bytes},
-                               {"performance_warnings", a.info.performance_warnings},
-                               {"compile_seconds", a.info.compile_seconds},
-                               {"nvrtc", compile::nvrtc_version()}};
-        writer.add(a.info.source_key, meta, a.cubin);
+        writer.add(a.info.source_key,
+                   detail::artifact_metadata(a.info, compile::nvrtc_version(), compile::compile_options(a.info.arch)), a.cubin);
         std::lock_guard lock(print_mutex);
         fmt::print(stderr, "[{:>3}/{}] {} {} -> {} ({}, {:.2f} s, {} regs)\n", ++done, work.size(), a.info.arch,
                    a.info.spec, a.info.source_key.substr(0, 12), to_string(a.info.source), a.info.compile_seconds,

@@ -99,7 +99,6 @@ class ConformanceTest(unittest.TestCase):
                          ["len_indptr == batch_size + 1"])
 
 
-
 @unittest.skipUnless(has_gpu(), "needs a GPU")
 class DecodeTest(unittest.TestCase):
     def test_planned_and_forced_splits_match_torch(self):

@@ -7,6 +7,7 @@
 
 #include <fmt/format.h>
 
+#include "api/artifact_metadata.hpp"
 #include "api/kernel_state.hpp"
 #include "api/log.hpp"
 #include "cache/bundle.hpp"
@@ -63,14 +64,7 @@ struct Engine::Impl {
     a.info.arch = arch_name;
     a.info.source_key = source_key;
     a.info.params = r.plan.params;
-    auto fill_from_meta = [&](const nlohmann::json& meta) {
-      a.info.key = meta.value("key", std::string());
-      a.info.compile_seconds = meta.value("compile_seconds", 0.0);
-      a.info.registers = meta.value("registers", -1);
-      a.info.spill_bytes = meta.value("spill_bytes", -1);
-      a.info.stack_bytes = meta.value("stack_bytes", -1);
-      a.info.performance_warnings = meta.value("performance_warnings", std::string());
-    };
+    auto fill_from_meta = [&](const nlohmann::json& meta) { detail::read_artifact_metadata(meta, a.info); };
 
     {
       std::lock_guard lock(mutex);
@@ -145,18 +139,9 @@ struct Engine::Impl {
     a.info.performance_warnings = c.performance_warnings;
     if (!c.performance_warnings.empty())
       log::warn(fmt::format("{} on {}: ptxas: {}", a.info.entry, arch_name, c.performance_warnings));
-    if (disk) disk->store(a.info.key, {metadata(a, nvrtc, nvrtc_options), a.cubin});
+    if (disk) disk->store(a.info.key, {detail::artifact_metadata(a.info, nvrtc, nvrtc_options), a.cubin});
     remember(a);
     return a;
-  }
-
-  static nlohmann::json metadata(const Artifact& a, const std::string& nvrtc, const std::vector<std::string>& nvrtc_options) {
-    return {{"spec", nlohmann::json::parse(a.info.spec)}, {"op", a.info.op}, {"entry", a.info.entry},
-            {"arch", a.info.arch}, {"key", a.info.key}, {"source_key", a.info.source_key},
-            {"nvrtc", nvrtc}, {"options", nvrtc_options}, {"kjit_version", std::string(kjit::version())},
-            {"compile_seconds", a.info.compile_seconds}, {"registers", a.info.registers},
-            {"spill_bytes", a.info.spill_bytes}, {"stack_bytes", a.info.stack_bytes},
-            {"performance_warnings", a.info.performance_warnings}};
   }
 
   std::string current_arch() {
