@@ -159,14 +159,17 @@ struct BatchDecode {
         page[u] = step < steps && t < end ? kv_indices[first_page + t / kPageSize] : 0;
       }
     };
+    // K and V are read once per launch: evicted first, they leave the page table, q and the
+    // split's partial states in L2 (batch 1 x 32768 on an H200: 41.3 -> 39.7 us back to back).
+    const unsigned long long kv_policy = mma::l2_evict_first_policy();
     auto copy_step = [&](int step) {
       if (step < steps) {
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
           const int t = start + step * kTile + u * kSlots + slot;
           const long long at = Cache::offset_in_page(page[u], t % kPageSize, kv_head) + lane * kVec;
-          mma::copy_async<kPieceBytes>(piece(step % kStages, u, 0), k_cache + at, t < end);
-          mma::copy_async<kPieceBytes>(piece(step % kStages, u, 1), v_cache + at, t < end);
+          mma::copy_async<kPieceBytes>(piece(step % kStages, u, 0), k_cache + at, t < end, kv_policy);
+          mma::copy_async<kPieceBytes>(piece(step % kStages, u, 1), v_cache + at, t < end, kv_policy);
         }
       }
       mma::copy_commit();  // one group per step, empty or not

@@ -31,6 +31,26 @@ __device__ __forceinline__ void copy_async(void* shared_dst, const void* global_
                  "n"(kBytes), "r"(valid ? kBytes : 0)
                  : "memory");
 }
+// The same copy with an L2 cache policy (from l2_evict_first_policy).
+template <int kBytes = 16>
+__device__ __forceinline__ void copy_async(void* shared_dst, const void* global_src, bool valid, unsigned long long l2_policy) {
+  static_assert(kBytes == 16 || kBytes == 8 || kBytes == 4, "cp.async copies 4, 8 or 16 bytes");
+  if constexpr (kBytes == 16)
+    asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;" ::"r"(shared_address(shared_dst)),
+                 "l"(global_src), "r"(valid ? 16 : 0), "l"(l2_policy)
+                 : "memory");
+  else
+    asm volatile("cp.async.ca.shared.global.L2::cache_hint [%0], [%1], %2, %3, %4;" ::"r"(shared_address(shared_dst)),
+                 "l"(global_src), "n"(kBytes), "r"(valid ? kBytes : 0), "l"(l2_policy)
+                 : "memory");
+}
+// Lines filled under this policy are evicted before any other: for data read once, so
+// that what is read again (a page table, queries, partial states) stays in L2.
+__device__ __forceinline__ unsigned long long l2_evict_first_policy() {
+  unsigned long long policy;
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
+  return policy;
+}
 __device__ __forceinline__ void copy_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 // One arrival on an mbarrier once every cp.async this thread issued so far has landed
 // (the barrier's count includes it: .noinc), so a copying thread never waits itself.
