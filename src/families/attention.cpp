@@ -244,7 +244,7 @@ class AttentionFamily final : public Family {
       p.push_back(tensor_param("kv_indices", DType::int32, {"num_kv_indices"}));
       p.push_back(tensor_param("kv_last_page_len", DType::int32, {"batch_size"}));
     }
-    p.push_back(vector_param("output", dtype, {"total_q", hq, d}, 4, Param::Access::write));  // pairs
+    p.push_back(vector_param("output", dtype, {"total_q", hq, d}, 16, Param::Access::write));  // 8-column chunks
     if (return_lse) p.push_back(tensor_param("lse", DType::float32, {"total_q", hq}, Param::Access::write));
     p.push_back(integer_param("batch_size", 0, 65535));
     p.push_back(integer_param("max_qo_len", 0, std::numeric_limits<std::int32_t>::max()));  // the longest request's queries

@@ -86,26 +86,55 @@ __device__ __forceinline__ void cap_and_mask(float (&s)[kGroups][4], bool masked
     }
 }
 
+// Transposes 4 x 4 words across a quad: lane t's word c becomes lane c's word t, in two
+// butterfly steps (lanes 1 apart swap the words whose index differs from theirs in bit 0,
+// then lanes 2 apart in bit 1), selects instead of indexing registers by lane.
+__device__ __forceinline__ void transpose_quad(unsigned (&w)[4], int t) {
+#pragma unroll
+  for (int bit = 1; bit <= 2; bit *= 2) {
+    const bool high = t & bit;
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      if (c & bit) continue;  // the pair (c, c + bit): the low lane sends c + bit, the high lane c
+      const unsigned received = __shfl_xor_sync(0xffffffffu, high ? w[c] : w[c + bit], bit);
+      if (high) w[c] = received;
+      else w[c + bit] = received;
+    }
+  }
+}
+
 // The prefill forms' epilogue for a thread's rows g and g + 8 (r = 0, 1): the row sums
 // across the quad, then o / l and the base-2 lse. qo_index(r) is the row's (query, head)
 // index into the output and lse, or -1 for a row past the request.
+// A quad holds a row's 8-column chunks a word per lane; transposed 4 chunks at a time, each
+// lane stores whole chunks as 16 bytes. (4-byte stores straight from the accumulators kept a
+// 128-row tile's output in the load/store unit ~2 us on an H200, competing with the next
+// tile's copies.)
 template <typename T, int kHeadDim, bool kLse, typename QoIndex>
 __device__ __forceinline__ void store_rows(const float (&o_acc)[kHeadDim / 8][4], const float (&m)[2], float (&l)[2], int t,
                                            QoIndex qo_index, T* __restrict__ o, float* __restrict__ lse) {
+  static_assert(kHeadDim % 32 == 0, "whole groups of 4 chunks");
   const float kNegInf = -__int_as_float(0x7f800000);
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
     l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
     const long long index = qo_index(r);
-    if (index < 0) continue;
     const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
-    T* out = o + index * kHeadDim;
+    T* out = o + (index < 0 ? 0 : index) * kHeadDim;
 #pragma unroll
-    for (int d = 0; d < kHeadDim / 8; ++d)
-      *reinterpret_cast<unsigned*>(out + d * 8 + 2 * t) = mma::pack2<T>(o_acc[d][2 * r] * inv, o_acc[d][2 * r + 1] * inv);
+    for (int group = 0; group < kHeadDim / 32; ++group) {
+      unsigned w[4];
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        const int d = 4 * group + c;
+        w[c] = mma::pack2<T>(o_acc[d][2 * r] * inv, o_acc[d][2 * r + 1] * inv);
+      }
+      transpose_quad(w, t);  // every lane: rows past the request too
+      if (index >= 0) *reinterpret_cast<uint4*>(out + (4 * group + t) * 8) = make_uint4(w[0], w[1], w[2], w[3]);
+    }
     if constexpr (kLse)
-      if (t == 0) lse[index] = l[r] > 0.f ? m[r] + log2f(l[r]) : kNegInf;
+      if (t == 0 && index >= 0) lse[index] = l[r] > 0.f ? m[r] + log2f(l[r]) : kNegInf;
   }
 }
 
