@@ -51,9 +51,6 @@ __device__ __forceinline__ unsigned long long l2_evict_first_policy() {
   asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
   return policy;
 }
-// Brings the line of p into L1 (and L2) without waiting or using a register: for a small
-// value read a little later.
-__device__ __forceinline__ void prefetch_l1(const void* p) { asm volatile("prefetch.global.L1 [%0];" ::"l"(p)); }
 __device__ __forceinline__ void copy_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 // One arrival on an mbarrier once every cp.async this thread issued so far has landed
 // (the barrier's count includes it: .noinc), so a copying thread never waits itself.

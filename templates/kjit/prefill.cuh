@@ -36,6 +36,7 @@ struct RaggedKv {
   static constexpr long long kKeyStride = static_cast<long long>(kKvHeads) * kHeadDim;  // elements from key to key
   static constexpr int kPageSize = 0;                                                     // not paged
   int first, len;
+  RaggedKv() = default;
   __device__ __forceinline__ RaggedKv(const int* kv_indptr, const int*, int b)
       : first(kv_indptr[b]), len(kv_indptr[b + 1] - kv_indptr[b]) {}
   __device__ __forceinline__ int length() const { return len; }
@@ -52,6 +53,7 @@ struct PagedKvRows {
   // Elements from a key to the next within a page.
   static constexpr long long kSlotStride = kLayout == paged_kv::Layout::NHD ? static_cast<long long>(kKvHeads) * kHeadDim : kHeadDim;
   int first_page, len;
+  PagedKvRows() = default;
   __device__ __forceinline__ PagedKvRows(const int* kv_indptr, const int* kv_last_page_len, int b)
       : first_page(kv_indptr[b]), len(Cache::length(kv_indptr, kv_last_page_len, b)) {}
   __device__ __forceinline__ int length() const { return len; }
