@@ -107,6 +107,18 @@ TEST_CASE("attention plans: prefill blocks and the merge's few-row form", "[spec
   CHECK(one.conditional_launches[0].block[0] == 128);
   CHECK(one.conditional_launches[0].persistent_blocks_per_sm == 0);
   CHECK(one.params[static_cast<std::size_t>(one.conditional_launches[0].when_param)].name == "max_qo_len");
+  // Ragged K/V: q, k and v tensor maps (TMA boxes of 64 dims; q's rows whole queries of 4
+  // heads), on the warp-specialized entry only.
+  REQUIRE(one.launch.tensor_maps.size() == 3);
+  CHECK(one.params[static_cast<std::size_t>(one.launch.tensor_maps[0].param)].name == "q");
+  CHECK(one.launch.tensor_maps[0].box == std::vector<std::uint32_t>{64, 4, 32});
+  CHECK(one.params[static_cast<std::size_t>(one.launch.tensor_maps[2].param)].name == "v");
+  CHECK(one.launch.tensor_maps[2].box == std::vector<std::uint32_t>{64, 1, 128});
+  CHECK(one.conditional_launches[0].tensor_maps.empty());
+  CHECK(plan("{" + prefill + R"(, "paged": true, "page_size": 16})").launch.tensor_maps.empty());
+  // A group that does not divide the 128 rows: q boxes of one head (the kernel copies Q itself).
+  CHECK(plan(R"({"op": "batch_prefill", "num_qo_heads": 12, "num_kv_heads": 4, "head_dim": 128, "dtype": "bfloat16"})")
+            .launch.tensor_maps[0].box == std::vector<std::uint32_t>{64, 1, 128});
   const auto alone = plan("{" + prefill + R"(, "short_form_max_qo_len": 0})");
   CHECK(alone.conditional_launches.empty());
   CHECK(alone.spec["short_form_max_qo_len"] == 0);

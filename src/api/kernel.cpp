@@ -15,8 +15,17 @@ KernelState::KernelState(KernelInfo i, std::string c, std::vector<families::Laun
     throw Error(ErrorCode::internal, fmt::format("{}: too many parameters", info.entry));
   if (launches.empty() || launches.size() > static_cast<std::size_t>(kMaxLaunchRules))
     throw Error(ErrorCode::internal, fmt::format("{}: {} launch rules", info.entry, launches.size()));
-  for (auto& rule : launches)
+  for (auto& rule : launches) {
     if (rule.entry.empty()) rule.entry = info.entry;
+    if (rule.tensor_maps.size() > static_cast<std::size_t>(kMaxTensorMaps))
+      throw Error(ErrorCode::internal, fmt::format("{}: {} tensor maps", rule.entry, rule.tensor_maps.size()));
+    for (const auto& map : rule.tensor_maps) {
+      const bool tensor = map.param >= 0 && static_cast<std::size_t>(map.param) < info.params.size() &&
+                          info.params[map.param].kind == Param::Kind::tensor;
+      if (!tensor || map.box.size() != info.params[map.param].shape.size() || map.box.empty() || map.box.size() > 5)
+        throw Error(ErrorCode::internal, fmt::format("{}: a tensor map does not fit its argument", rule.entry));
+    }
+  }
   for (const Param& p : info.params) {
     ParamCheck c{p.kind, p.dtype, p.min, p.max, p.min_exclusive};
     if (p.kind == Param::Kind::tensor) c.alignment = std::max<std::uintptr_t>(p.alignment, 1);
@@ -93,6 +102,47 @@ std::string describe(const DLDataType& t) { return fmt::format("(code {}, bits {
   throw ArgumentError(fmt::format("{}: argument {} ({}) {}", info.entry, i, info.params[i].name, what));
 }
 
+CUtensorMapDataType tensor_map_type(DType dtype) {
+  switch (dtype) {
+    case DType::float16: return CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+    case DType::bfloat16: return CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+    case DType::float32: return CU_TENSOR_MAP_DATA_TYPE_FLOAT32;
+    case DType::int32: return CU_TENSOR_MAP_DATA_TYPE_INT32;
+    default: return CU_TENSOR_MAP_DATA_TYPE_UINT8;  // 8-bit types are moved as bytes
+  }
+}
+
+// The TMA descriptor of argument `i` (address `data`), `extent(axis)` its axes' lengths, -1
+// where the launch cannot know one.
+template <typename Extent>
+void encode_tensor_map(CUtensorMap* map, const KernelInfo& info, const families::TensorMapRule& rule, const void* data,
+                       Extent extent) {
+  const auto& d = runtime::driver();
+  if (!d.tensor_map_encode_tiled)
+    throw CudaError(fmt::format("{}: the driver lacks cuTensorMapEncodeTiled (CUDA 12 or newer)", info.entry));
+  const Param& p = info.params[rule.param];
+  const int rank = static_cast<int>(rule.box.size());
+  const std::uint64_t element = static_cast<std::uint64_t>(dtype_size(p.dtype));
+  cuuint64_t dims[5], strides[4];
+  cuuint32_t box[5], element_strides[5];
+  std::uint64_t stride = element;  // bytes from one index of the axis to the next
+  for (int a = 0; a < rank; ++a) {
+    const std::int64_t known = extent(rank - 1 - a);
+    // Unknown: as long as a 47-bit address range allows, at most 2^31 (the kernel's boxes
+    // stay inside its data). Empty: 1, no box is read (TMA refuses 0).
+    dims[a] = known >= 0 ? std::max<std::int64_t>(known, 1) : std::min<std::uint64_t>(1ull << 31, (1ull << 47) / stride);
+    if (a > 0) strides[a - 1] = stride;
+    stride *= dims[a];
+    box[a] = rule.box[a];
+    element_strides[a] = 1;
+  }
+  const CUresult r = d.tensor_map_encode_tiled(map, tensor_map_type(p.dtype), static_cast<cuuint32_t>(rank), const_cast<void*>(data),
+                                               dims, strides, box, element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                                               CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                                               CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  runtime::check(r, fmt::format("{}: cuTensorMapEncodeTiled for argument {} ({})", info.entry, rule.param, p.name).c_str());
+}
+
 }  // namespace
 }  // namespace detail
 
@@ -109,7 +159,7 @@ void Kernel::launch(std::span<const Arg> args, void* stream) const {
     long long integer;
     float real;
   } values[kMaxParams];
-  void* slots[kMaxParams];
+  void* slots[kMaxParams + detail::kMaxTensorMaps];
   for (std::size_t i = 0; i < n; ++i) {
     const detail::ParamCheck& c = s.checks[i];
     const Arg& a = args[i];
@@ -193,6 +243,18 @@ void Kernel::launch(std::span<const Arg> args, void* stream) const {
   const runtime::DriverApi& d = runtime::driver();
   const int device = runtime::current_device();
   CUfunction f = s.function(device, rule);
+  alignas(64) CUtensorMap maps[detail::kMaxTensorMaps];
+  for (std::size_t m = 0; m < launch.tensor_maps.size(); ++m) {
+    const families::TensorMapRule& map = launch.tensor_maps[m];
+    const std::size_t i = static_cast<std::size_t>(map.param);
+    const detail::ParamCheck& c = s.checks[i];
+    detail::encode_tensor_map(&maps[m], s.info, map, values[i].pointer, [&](int axis) -> std::int64_t {
+      if (args[i].kind() == Arg::Kind::tensor) return args[i].tensor()->shape[axis];
+      if (c.dims[axis].value >= 0) return c.dims[axis].value;
+      return c.dims[axis].param >= 0 ? values[c.dims[axis].param].integer : -1;
+    });
+    slots[n + m] = &maps[m];
+  }
   if (launch.persistent_blocks_per_sm > 0) {  // the work grid above, walked by at most k blocks per SM
     const long long work = static_cast<long long>(grid[0]) * grid[1] * grid[2];
     if (work > 0x7fffffffLL)  // the kernel counts its work items in an int

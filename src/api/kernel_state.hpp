@@ -20,6 +20,7 @@ inline constexpr int kMaxParams = 32;
 inline constexpr int kMaxDevices = 64;
 inline constexpr int kMaxRank = 6;
 inline constexpr int kMaxLaunchRules = 4;
+inline constexpr int kMaxTensorMaps = 4;  // per launch rule
 
 // One tensor dimension's expectation: a constant, or equal to an integer argument.
 struct DimCheck {

@@ -268,8 +268,20 @@ class AttentionFamily final : public Family {
       const std::int64_t stages =
           specialized ? std::min<std::int64_t>(4, (227 * 1024 - rows * head_dim * 2 - 1024 - 256) / (2 * tile_keys * head_dim * 2)) : 2;
       const std::int64_t shared_bytes = (rows + 2 * stages * tile_keys) * head_dim * 2 + 1024 + (specialized ? 256 : 0);
+      // Warp-specialized over ragged K/V: whole tiles are TMA copies (one thread's, leaving the
+      // load/store unit to the consumers), so the launch passes tensor maps of q, k and v.
+      const bool tensor_maps = specialized && !paged;
       forms.push_back({{"entry", entry}, {"warp_specialized", specialized}, {"rows", rows}, {"keys_per_tile", tile_keys},
-                       {"warpgroups", form_warpgroups}, {"threads", threads}, {"stages", stages}, {"shared_bytes", shared_bytes}});
+                       {"warpgroups", form_warpgroups}, {"threads", threads}, {"stages", stages}, {"shared_bytes", shared_bytes},
+                       {"tensor_maps", tensor_maps}});
+      if (tensor_maps) {
+        // Q boxes of whole queries' rows where they fill a tile (the kernel's kTensorMapQ).
+        const std::int64_t rows_per_query = pack_gqa ? group : 1;
+        const std::uint32_t q_heads = rows % rows_per_query == 0 ? static_cast<std::uint32_t>(rows_per_query) : 1u;
+        launch.tensor_maps = {{param_index(p, "q"), {64, q_heads, static_cast<std::uint32_t>(rows) / q_heads}},
+                              {param_index(p, "k"), {64, 1, static_cast<std::uint32_t>(tile_keys)}},
+                              {param_index(p, "v"), {64, 1, static_cast<std::uint32_t>(tile_keys)}}};
+      }
       launch.entry = entry;
       launch.block[0] = static_cast<std::uint32_t>(threads);
       launch.dynamic_shared_bytes = static_cast<std::uint32_t>(shared_bytes);

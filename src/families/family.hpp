@@ -26,6 +26,17 @@ struct GridDim {
   std::int64_t multiplier = 1;  // e.g. the blocks of a cluster that share one row
 };
 
+// A TMA descriptor (CUtensorMap) that each launch builds from a tensor argument and passes
+// after the arguments (a `const __grid_constant__ kjit::bulk::TensorMap` in the entry
+// point), for kernels that copy tiles with the tensor memory accelerator: the tensor's axes
+// innermost first, copied in boxes of `box` elements with the 128-byte swizzle. An axis whose
+// extent the launch cannot know (a pointer argument, an axis bound to no integer) is mapped
+// as long as addresses allow: the kernel copies only boxes inside its data there.
+struct TensorMapRule {
+  int param = -1;                 // the tensor argument
+  std::vector<std::uint32_t> box;  // per axis of the tensor, innermost first
+};
+
 struct LaunchRule {
   std::uint32_t block[3] = {1, 1, 1};
   GridDim grid[3];
@@ -44,6 +55,7 @@ struct LaunchRule {
   // walks the work items blockIdx.x, + gridDim.x, ... in the order of their linear index,
   // recomputing the work grid from its own arguments.
   int persistent_blocks_per_sm = 0;
+  std::vector<TensorMapRule> tensor_maps;  // passed after the arguments, in this order
 };
 
 struct KernelPlan {

@@ -52,6 +52,8 @@ const Loaded& loaded() {
     sym(a.occupancy_blocks_per_sm, "cuOccupancyMaxActiveBlocksPerMultiprocessor");
     sym(a.launch_kernel, "cuLaunchKernel");
     a.launch_kernel_ex = reinterpret_cast<decltype(a.launch_kernel_ex)>(::dlsym(h, "cuLaunchKernelEx"));  // optional
+    a.tensor_map_encode_tiled =
+        reinterpret_cast<decltype(a.tensor_map_encode_tiled)>(::dlsym(h, "cuTensorMapEncodeTiled"));  // optional
     sym(a.mem_alloc, "cuMemAlloc_v2");
     sym(a.mem_free, "cuMemFree_v2");
     sym(a.memcpy_htod, "cuMemcpyHtoD_v2");

@@ -32,6 +32,7 @@ struct DriverApi {
   decltype(&::cuFuncSetAttribute) func_set_attribute;
   decltype(&::cuLaunchKernel) launch_kernel;
   decltype(&::cuLaunchKernelEx) launch_kernel_ex;  // null on drivers before CUDA 12
+  decltype(&::cuTensorMapEncodeTiled) tensor_map_encode_tiled;  // null on drivers before CUDA 12
   decltype(&::cuOccupancyMaxActiveBlocksPerMultiprocessor) occupancy_blocks_per_sm;
   decltype(&::cuMemAlloc_v2) mem_alloc;
   decltype(&::cuMemFree_v2) mem_free;

@@ -60,4 +60,21 @@ __device__ __forceinline__ void copy(void* shared_dst, const void* global_src, u
                : "memory");
 }
 
+// A TMA descriptor (CUtensorMap): the launch builds one per tensor a kernel copies in
+// tiles and passes it as a `const __grid_constant__` parameter, which copies address.
+struct alignas(64) TensorMap {
+  unsigned long long opaque[16];
+};
+
+// The box of a 3-axis tensor map at coordinates (x innermost) -> shared memory (1024-byte
+// aligned: the maps use the 128-byte swizzle), its bytes completing on `barrier`.
+__device__ __forceinline__ void copy_tile(void* shared_dst, const TensorMap* map, int x, int y, int z,
+                                          unsigned long long* barrier) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], [%5];" ::"r"(
+          shared_address(shared_dst)),
+      "l"(reinterpret_cast<unsigned long long>(map)), "r"(x), "r"(y), "r"(z), "r"(shared_address(barrier))
+      : "memory");
+}
+
 }  // namespace kjit::bulk

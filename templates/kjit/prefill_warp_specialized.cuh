@@ -8,8 +8,10 @@
 //   K_0, Q, then the K and V tiles of 128 keys (K_j before V_{j-1}, the order they are used) into
 //   a ring of kStages stages with cp.async; each copy arrives on its stage's `full`
 //   barrier when it lands (cp.async.mbarrier.arrive), so the producer never waits for its
-//   own copies, only for a stage to be released. cp.async by 128 threads (not TMA) keeps
-//   ragged and paged K/V one code path (BatchPrefill's KvSource).
+//   own copies, only for a stage to be released. With tensor maps (ragged K/V), whole Q, K
+//   and V tiles are one thread's TMA copies instead, which leave the load/store unit to
+//   the consumers; cp.async by 128 threads fills the rest (a request's last, partial tiles,
+//   zero-filled, and paged K/V).
 // - warpgroups 1 and 2, the consumers, take 224 registers each and own 64 query rows; they
 //   run both GEMMs as wgmma (S = Q K^T from shared memory, O += P V with P in registers)
 //   with the softmax of tile j overlapped with P V of tile j - 1: S_j is issued, then
@@ -29,7 +31,7 @@
 namespace kjit::attention {
 
 template <typename T, int kHeadDim, int kQoHeads, int kKvHeads, bool kCausal, bool kSoftCap, int kWindow, bool kLse,
-          typename KvSource, bool kPackGqa, int kStages_ = 2>
+          typename KvSource, bool kPackGqa, int kStages_ = 2, bool kTensorMaps = false>
 struct WarpSpecializedPrefill {
   using Kv = KvSource;
   static constexpr int kConsumers = 2;                 // warpgroups of 64 query rows
@@ -61,6 +63,11 @@ struct WarpSpecializedPrefill {
   static constexpr float kLog2e = 1.4426950408889634f;
   static_assert(sizeof(T) == 2, "16-bit inputs");
   static_assert(kHeadDim == 64 || kHeadDim == 128, "the consumers' O accumulators fit head_dim <= 128");
+  // Tensor maps (the launch's, 128-byte swizzle, boxes of 64 dims): q [tokens, qo_heads, d]
+  // in boxes of (64, kRowsPerQuery, kRows / kRowsPerQuery) where whole queries fill a tile,
+  // k and v [tokens, kv_heads, d] in boxes of (64, 1, kKeys).
+  static_assert(!kTensorMaps || KvSource::kKeyStride > 0, "tensor maps for ragged K/V");
+  static constexpr bool kTensorMapQ = kTensorMaps && kRows % kRowsPerQuery == 0;
 
   // Without sm_90a: the FlashAttention-2 form with mma.sync on the first 2 warpgroups.
   using Fallback = BatchPrefill<T, kHeadDim, kQoHeads, kKvHeads, kCausal, kSoftCap, kWindow, kLse, /*keys=*/32, KvSource,
@@ -188,7 +195,7 @@ struct WarpSpecializedPrefill {
   // immediate offsets, no predicates); the general path's per-row address arithmetic made
   // the producer 31% of the kernel's instructions and cost 15% (causal 8192: 485 -> 558
   // TFLOP/s with this path).
-  static __device__ __forceinline__ void copy_kv_tile(T* tile, const T* base, const Kv& kv, const int* kv_indices,
+  static __device__ __forceinline__ void copy_kv_rows(T* tile, const T* base, const Kv& kv, const int* kv_indices,
                                                       int kv_head, int first, int valid) {
     if constexpr (Kv::kKeyStride > 0) {
       if (first + kKeys <= valid) {
@@ -224,12 +231,33 @@ struct WarpSpecializedPrefill {
     }
     copy_rows<kKeys>(tile, base, [&](int key) { return kv.offset(kv_indices, key, kv_head); }, first, valid);
   }
+  // The tile, landing on `full`: by TMA where it lies inside the request, else copy_kv_rows.
+  static __device__ __forceinline__ void load_kv_tile(T* tile, const T* base, const bulk::TensorMap* map, const Kv& kv,
+                                                      const int* kv_indices, int kv_head, int first, int valid,
+                                                      unsigned long long* full) {
+    if constexpr (kTensorMaps) {
+      if (first + kKeys <= valid) {
+        if (threadIdx.x == 0) {
+          bulk::barrier_expect_bytes(full, kTileElements * sizeof(T));
+#pragma unroll
+          for (int half = 0; half < kHeadDim / 64; ++half)
+            bulk::copy_tile(tile + half * kKeys * 64, map, half * 64, kv_head, kv.first + first, full);
+        } else {
+          bulk::barrier_arrive(full);
+        }
+        return;
+      }
+    }
+    copy_kv_rows(tile, base, kv, kv_indices, kv_head, first, valid);
+    mma::copy_arrive(full);
+  }
 
   static __device__ void run(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                              const int* __restrict__ qo_indptr, const int* __restrict__ kv_indptr,
                              const int* __restrict__ kv_indices, const int* __restrict__ kv_last_page_len,
                              T* __restrict__ o, float* __restrict__ lse, float sm_scale, float soft_cap, long long batch_size,
-                             long long max_qo_len) {
+                             long long max_qo_len, const bulk::TensorMap* q_map = nullptr,
+                             const bulk::TensorMap* k_map = nullptr, const bulk::TensorMap* v_map = nullptr) {
 #if !defined(__CUDA_ARCH_FEAT_SM90_ALL)
     if (threadIdx.x >= Fallback::kThreads) return;
 #pragma unroll 1
@@ -257,7 +285,8 @@ struct WarpSpecializedPrefill {
     T* q_tile = reinterpret_cast<T*>(dynamic_shared + (-mma::shared_address(dynamic_shared) & 1023u));
     T* k_tiles = q_tile + kRows * kHeadDim;
     T* v_tiles = k_tiles + kStages * kTileElements;
-    // Barriers: Q landed / released; per stage K and V landed (128 producer arrivals) and
+    // Barriers: Q landed / released; per stage K and V landed (128 producer arrivals, each thread's cp.async or, for a TMA
+    // tile, one arrival with its bytes and 127 plain ones) and
     // released (one arrival per consumer warp).
     unsigned long long* q_full = reinterpret_cast<unsigned long long*>(v_tiles + kStages * kTileElements);
     unsigned long long* q_empty = q_full + 1;
@@ -293,26 +322,36 @@ struct WarpSpecializedPrefill {
         {
           const int stage = tile_count % kStages;
           bulk::barrier_wait(&k_empty[stage], ((tile_count / kStages) & 1) ^ 1);  // a fresh barrier's "previous" phase has completed
-          copy_kv_tile(k_tiles + stage * kTileElements, k, w.kv, kv_indices, w.kv_head, w.first_tile * kKeys, kv_len);
-          mma::copy_arrive(&k_full[stage]);
+          load_kv_tile(k_tiles + stage * kTileElements, k, k_map, w.kv, kv_indices, w.kv_head, w.first_tile * kKeys, kv_len,
+                       &k_full[stage]);
         }
         bulk::barrier_wait(q_empty, (q_round++ & 1) ^ 1);
-        copy_rows<kRows>(q_tile, q, [&](int row) {
-          return (static_cast<long long>(w.q_begin + row / kRowsPerQuery) * kQoHeads + w.head0 + row % kRowsPerQuery) * kHeadDim;
-        }, w.row0, w.rows);
-        mma::copy_arrive(q_full);
+        if (kTensorMapQ && w.row0 + kRows <= w.rows) {
+          if (threadIdx.x == 0) {
+            bulk::barrier_expect_bytes(q_full, kRows * kHeadDim * sizeof(T));
+#pragma unroll
+            for (int half = 0; half < kHeadDim / 64; ++half)
+              bulk::copy_tile(q_tile + half * kRows * 64, q_map, half * 64, w.head0, w.q_begin + w.row0 / kRowsPerQuery, q_full);
+          } else {
+            bulk::barrier_arrive(q_full);
+          }
+        } else {
+          copy_rows<kRows>(q_tile, q, [&](int row) {
+            return (static_cast<long long>(w.q_begin + row / kRowsPerQuery) * kQoHeads + w.head0 + row % kRowsPerQuery) * kHeadDim;
+          }, w.row0, w.rows);
+          mma::copy_arrive(q_full);
+        }
         for (int j = w.first_tile + 1; j <= w.end_tile; ++j) {
           if (j < w.end_tile) {
             const int n = tile_count + (j - w.first_tile), stage = n % kStages;
             bulk::barrier_wait(&k_empty[stage], ((n / kStages) & 1) ^ 1);
-            copy_kv_tile(k_tiles + stage * kTileElements, k, w.kv, kv_indices, w.kv_head, j * kKeys, kv_len);
-            mma::copy_arrive(&k_full[stage]);
+            load_kv_tile(k_tiles + stage * kTileElements, k, k_map, w.kv, kv_indices, w.kv_head, j * kKeys, kv_len, &k_full[stage]);
           }
           {
             const int n = tile_count + (j - 1 - w.first_tile), stage = n % kStages;
             bulk::barrier_wait(&v_empty[stage], ((n / kStages) & 1) ^ 1);
-            copy_kv_tile(v_tiles + stage * kTileElements, v, w.kv, kv_indices, w.kv_head, (j - 1) * kKeys, kv_len);
-            mma::copy_arrive(&v_full[stage]);
+            load_kv_tile(v_tiles + stage * kTileElements, v, v_map, w.kv, kv_indices, w.kv_head, (j - 1) * kKeys, kv_len,
+                         &v_full[stage]);
           }
         }
         tile_count += w.end_tile - w.first_tile;
