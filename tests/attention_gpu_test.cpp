@@ -780,17 +780,19 @@ TEST_CASE("batch prefill matches float64 attention on ragged requests", "[gpu][a
     cases.push_back({8, 2, 128, true, true, 0, 50});           // sliding window
     cases.push_back({8, 2, 64, false, true, 30.0, 40, false});  // all of them, no lse
     cases.push_back({10, 2, 128});                             // group 5
-    for (std::int64_t page_size : {1, 16, 64})
+    // Pages: cp.async (1, 16), TMA boxes of whole pages (64) and of a tile within a page (256).
+    for (std::int64_t page_size : {1, 16, 64, 256})
       for (const char* layout : {"NHD", "HND"}) {
         PrefillCase c{8, 2, 128};
         c.page_size = page_size;
         c.layout = layout;
         cases.push_back(c);
+        if (page_size == 16 || page_size == 64) {
+          c.qo_heads = 32, c.kv_heads = 8;
+          c.combined = true;
+          cases.push_back(c);
+        }
       }
-    PrefillCase combined{32, 8, 128};
-    combined.page_size = 16;
-    combined.combined = true;
-    cases.push_back(combined);
     for (auto c : cases) {
       c.extra = ws;
       run_prefill_case(c, lengths, rng);

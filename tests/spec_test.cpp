@@ -111,11 +111,23 @@ TEST_CASE("attention plans: prefill blocks and the merge's few-row form", "[spec
   // heads), on the warp-specialized entry only.
   REQUIRE(one.launch.tensor_maps.size() == 3);
   CHECK(one.params[static_cast<std::size_t>(one.launch.tensor_maps[0].param)].name == "q");
+  CHECK(one.launch.tensor_maps[0].dims == std::vector<std::int64_t>{128, 32, 0});
   CHECK(one.launch.tensor_maps[0].box == std::vector<std::uint32_t>{64, 4, 32});
   CHECK(one.params[static_cast<std::size_t>(one.launch.tensor_maps[2].param)].name == "v");
+  CHECK(one.launch.tensor_maps[2].dims == std::vector<std::int64_t>{128, 8, 0});
   CHECK(one.launch.tensor_maps[2].box == std::vector<std::uint32_t>{64, 1, 128});
   CHECK(one.conditional_launches[0].tensor_maps.empty());
+  // Pages: boxes of a page's slots (NHD: by head; HND: a head's slots are rows), none for
+  // pages under 64 keys or not dividing / divided by the 128-key tile.
+  const auto paged64 = plan("{" + prefill + R"(, "paged": true, "page_size": 64, "kv_layout": "HND", "kv_storage": "combined"})");
+  REQUIRE(paged64.launch.tensor_maps.size() == 3);
+  CHECK(paged64.params[static_cast<std::size_t>(paged64.launch.tensor_maps[1].param)].name == "kv_cache");
+  CHECK(paged64.launch.tensor_maps[1].dims == std::vector<std::int64_t>{128, 1, 0});
+  CHECK(paged64.launch.tensor_maps[1].box == std::vector<std::uint32_t>{64, 1, 64});
+  CHECK(plan("{" + prefill + R"(, "paged": true, "page_size": 256})").launch.tensor_maps[2].box ==
+        std::vector<std::uint32_t>{64, 1, 128});
   CHECK(plan("{" + prefill + R"(, "paged": true, "page_size": 16})").launch.tensor_maps.empty());
+  CHECK(plan("{" + prefill + R"(, "paged": true, "page_size": 192})").launch.tensor_maps.empty());
   // A group that does not divide the 128 rows: q boxes of one head (the kernel copies Q itself).
   CHECK(plan(R"({"op": "batch_prefill", "num_qo_heads": 12, "num_kv_heads": 4, "head_dim": 128, "dtype": "bfloat16"})")
             .launch.tensor_maps[0].box == std::vector<std::uint32_t>{64, 1, 128});

@@ -22,7 +22,8 @@ KernelState::KernelState(KernelInfo i, std::string c, std::vector<families::Laun
     for (const auto& map : rule.tensor_maps) {
       const bool tensor = map.param >= 0 && static_cast<std::size_t>(map.param) < info.params.size() &&
                           info.params[map.param].kind == Param::Kind::tensor;
-      if (!tensor || map.box.size() != info.params[map.param].shape.size() || map.box.empty() || map.box.size() > 5)
+      if (!tensor || map.box.size() != map.dims.size() || map.box.empty() || map.box.size() > 5 ||
+          std::count(map.dims.begin(), map.dims.end(), 0) > 1)
         throw Error(ErrorCode::internal, fmt::format("{}: a tensor map does not fit its argument", rule.entry));
     }
   }
@@ -112,25 +113,28 @@ CUtensorMapDataType tensor_map_type(DType dtype) {
   }
 }
 
-// The TMA descriptor of argument `i` (address `data`), `extent(axis)` its axes' lengths, -1
-// where the launch cannot know one.
-template <typename Extent>
+// The TMA descriptor of a tensor argument at `data` holding `elements` elements (-1: unknown).
 void encode_tensor_map(CUtensorMap* map, const KernelInfo& info, const families::TensorMapRule& rule, const void* data,
-                       Extent extent) {
+                       std::int64_t elements) {
   const auto& d = runtime::driver();
   if (!d.tensor_map_encode_tiled)
     throw CudaError(fmt::format("{}: the driver lacks cuTensorMapEncodeTiled (CUDA 12 or newer)", info.entry));
   const Param& p = info.params[rule.param];
-  const int rank = static_cast<int>(rule.box.size());
+  const int rank = static_cast<int>(rule.dims.size());
   const std::uint64_t element = static_cast<std::uint64_t>(dtype_size(p.dtype));
+  std::int64_t known = 1;  // the product of the given dims
+  for (std::int64_t x : rule.dims) known *= x > 0 ? x : 1;
   cuuint64_t dims[5], strides[4];
   cuuint32_t box[5], element_strides[5];
-  std::uint64_t stride = element;  // bytes from one index of the axis to the next
+  std::uint64_t stride = element;  // bytes from one index of the dim to the next
   for (int a = 0; a < rank; ++a) {
-    const std::int64_t known = extent(rank - 1 - a);
-    // Unknown: as long as a 47-bit address range allows, at most 2^31 (the kernel's boxes
-    // stay inside its data). Empty: 1, no box is read (TMA refuses 0).
-    dims[a] = known >= 0 ? std::max<std::int64_t>(known, 1) : std::min<std::uint64_t>(1ull << 31, (1ull << 47) / stride);
+    std::int64_t extent = rule.dims[a];
+    // The rest: what the tensor holds, or, unknown, as far as a 47-bit address range
+    // allows, at most 2^31. Empty: 1, as TMA refuses 0 (no box is read then).
+    if (extent == 0)
+      extent = elements >= 0 ? elements / known
+                             : static_cast<std::int64_t>(std::min<std::uint64_t>(1ull << 31, (1ull << 47) / stride));
+    dims[a] = static_cast<cuuint64_t>(std::max<std::int64_t>(extent, 1));
     if (a > 0) strides[a - 1] = stride;
     stride *= dims[a];
     box[a] = rule.box[a];
@@ -247,12 +251,13 @@ void Kernel::launch(std::span<const Arg> args, void* stream) const {
   for (std::size_t m = 0; m < launch.tensor_maps.size(); ++m) {
     const families::TensorMapRule& map = launch.tensor_maps[m];
     const std::size_t i = static_cast<std::size_t>(map.param);
-    const detail::ParamCheck& c = s.checks[i];
-    detail::encode_tensor_map(&maps[m], s.info, map, values[i].pointer, [&](int axis) -> std::int64_t {
-      if (args[i].kind() == Arg::Kind::tensor) return args[i].tensor()->shape[axis];
-      if (c.dims[axis].value >= 0) return c.dims[axis].value;
-      return c.dims[axis].param >= 0 ? values[c.dims[axis].param].integer : -1;
-    });
+    std::int64_t elements = -1;
+    if (args[i].kind() == Arg::Kind::tensor) {
+      const DLTensor& t = *args[i].tensor();
+      elements = 1;
+      for (int a = 0; a < t.ndim; ++a) elements *= t.shape[a];
+    }
+    detail::encode_tensor_map(&maps[m], s.info, map, values[i].pointer, elements);
     slots[n + m] = &maps[m];
   }
   if (launch.persistent_blocks_per_sm > 0) {  // the work grid above, walked by at most k blocks per SM

@@ -268,19 +268,32 @@ class AttentionFamily final : public Family {
       const std::int64_t stages =
           specialized ? std::min<std::int64_t>(4, (227 * 1024 - rows * head_dim * 2 - 1024 - 256) / (2 * tile_keys * head_dim * 2)) : 2;
       const std::int64_t shared_bytes = (rows + 2 * stages * tile_keys) * head_dim * 2 + 1024 + (specialized ? 256 : 0);
-      // Warp-specialized over ragged K/V: whole tiles are TMA copies (one thread's, leaving the
-      // load/store unit to the consumers), so the launch passes tensor maps of q, k and v.
-      const bool tensor_maps = specialized && !paged;
+      // Warp-specialized: whole tiles are TMA copies (one thread's, leaving the load/store
+      // unit to the consumers), so the launch passes tensor maps of q, k and v: ragged K/V,
+      // or pages of at least 64 keys that hold whole tiles or whole numbers of them. H200,
+      // paged causal 1 x 8192, TFLOP/s, cp.async against TMA: page 16 587 / 546 (16 copies of
+      // 2 KB a tile), page 64 597 / 632, page 256 417 / 633.
+      const bool paged_boxes = page_size >= 64 && (tile_keys % page_size == 0 || page_size % tile_keys == 0);
+      const bool tensor_maps = specialized && (!paged || paged_boxes);
       forms.push_back({{"entry", entry}, {"warp_specialized", specialized}, {"rows", rows}, {"keys_per_tile", tile_keys},
                        {"warpgroups", form_warpgroups}, {"threads", threads}, {"stages", stages}, {"shared_bytes", shared_bytes},
                        {"tensor_maps", tensor_maps}});
       if (tensor_maps) {
-        // Q boxes of whole queries' rows where they fill a tile (the kernel's kTensorMapQ).
+        // Q [tokens, heads, d] in boxes of whole queries' rows where they fill a tile (the
+        // kernel's kTensorMapQ), else of one head's.
         const std::int64_t rows_per_query = pack_gqa ? group : 1;
         const std::uint32_t q_heads = rows % rows_per_query == 0 ? static_cast<std::uint32_t>(rows_per_query) : 1u;
-        launch.tensor_maps = {{param_index(p, "q"), {64, q_heads, static_cast<std::uint32_t>(rows) / q_heads}},
-                              {param_index(p, "k"), {64, 1, static_cast<std::uint32_t>(tile_keys)}},
-                              {param_index(p, "v"), {64, 1, static_cast<std::uint32_t>(tile_keys)}}};
+        launch.tensor_maps.push_back(
+            {param_index(p, "q"), {head_dim, qo_heads, 0}, {64, q_heads, static_cast<std::uint32_t>(rows) / q_heads}});
+        // K and V as rows of head_dim: ragged [tokens, heads, d] and NHD pages [pages, (2,)
+        // slots, heads, d] by (dim, head, row); HND pages [pages, (2,) heads, slots, d] by
+        // (dim, 1, row). A box is a tile or, paged, one page's part of it.
+        const std::uint32_t box_rows = static_cast<std::uint32_t>(paged ? std::min(page_size, tile_keys) : tile_keys);
+        const std::int64_t heads_axis = paged && layout == "HND" ? 1 : kv_heads;
+        for (const char* name : paged ? (combined ? std::vector<const char*>{"kv_cache", "kv_cache"}
+                                                  : std::vector<const char*>{"k_cache", "v_cache"})
+                                      : std::vector<const char*>{"k", "v"})
+          launch.tensor_maps.push_back({param_index(p, name), {head_dim, heads_axis, 0}, {64, 1, box_rows}});
       }
       launch.entry = entry;
       launch.block[0] = static_cast<std::uint32_t>(threads);

@@ -28,13 +28,15 @@ struct GridDim {
 
 // A TMA descriptor (CUtensorMap) that each launch builds from a tensor argument and passes
 // after the arguments (a `const __grid_constant__ kjit::bulk::TensorMap` in the entry
-// point), for kernels that copy tiles with the tensor memory accelerator: the tensor's axes
-// innermost first, copied in boxes of `box` elements with the 128-byte swizzle. An axis whose
-// extent the launch cannot know (a pointer argument, an axis bound to no integer) is mapped
-// as long as addresses allow: the kernel copies only boxes inside its data there.
+// point), for kernels that copy tiles with the tensor memory accelerator: the contiguous
+// tensor seen as `dims` (elements, innermost first), copied in boxes of `box` elements with
+// the 128-byte swizzle. One dim may be 0: as many as the tensor holds, or, where the launch
+// cannot know that (a pointer argument), as many as addresses allow: the kernel copies
+// only boxes inside its data there.
 struct TensorMapRule {
-  int param = -1;                 // the tensor argument
-  std::vector<std::uint32_t> box;  // per axis of the tensor, innermost first
+  int param = -1;                  // the tensor argument
+  std::vector<std::int64_t> dims;  // the view, innermost first
+  std::vector<std::uint32_t> box;  // per dim
 };
 
 struct LaunchRule {

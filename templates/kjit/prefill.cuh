@@ -43,6 +43,8 @@ struct RaggedKv {
   __device__ __forceinline__ long long offset(const int*, int key, int head) const {
     return (static_cast<long long>(first + key) * kKvHeads + head) * kHeadDim;
   }
+  // TMA coordinates in the launch's (dim, head, row) view of k or v [tokens, heads, dim].
+  static __device__ __forceinline__ int map_head(int head) { return head; }
 };
 // kv_indices is passed to each call (a kernel parameter, so no register holds it).
 template <int kKvHeads, int kHeadDim, paged_kv::Layout kLayout, int kPageSize_, bool kCombined = false>
@@ -59,6 +61,14 @@ struct PagedKvRows {
   __device__ __forceinline__ int length() const { return len; }
   __device__ __forceinline__ long long offset(const int* kv_indices, int key, int head) const {
     return Cache::offset_in_page(kv_indices[first_page + key / kPageSize], key % kPageSize, head);
+  }
+  // TMA coordinates in the launch's view of the cache as rows of head_dim: (dim, head, row)
+  // with a page's slots as rows (NHD), or (dim, 0, row) with a page's head's slots as rows
+  // (HND); a combined page holds K's rows, then V's.
+  static __device__ __forceinline__ int map_head(int head) { return kLayout == paged_kv::Layout::NHD ? head : 0; }
+  static __device__ __forceinline__ int map_row(int page, int slot, int head, bool value) {
+    const int part = (kCombined ? 2 * page : page) + (kCombined && value ? 1 : 0);
+    return kLayout == paged_kv::Layout::NHD ? part * kPageSize + slot : (part * kKvHeads + head) * kPageSize + slot;
   }
 };
 

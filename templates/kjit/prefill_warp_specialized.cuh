@@ -8,10 +8,10 @@
 //   K_0, Q, then the K and V tiles of 128 keys (K_j before V_{j-1}, the order they are used) into
 //   a ring of kStages stages with cp.async; each copy arrives on its stage's `full`
 //   barrier when it lands (cp.async.mbarrier.arrive), so the producer never waits for its
-//   own copies, only for a stage to be released. With tensor maps (ragged K/V), whole Q, K
-//   and V tiles are one thread's TMA copies instead, which leave the load/store unit to
-//   the consumers; cp.async by 128 threads fills the rest (a request's last, partial tiles,
-//   zero-filled, and paged K/V).
+//   own copies, only for a stage to be released. With tensor maps (ragged K/V, pages of 64
+//   keys or more), whole Q, K and V tiles are one thread's TMA copies instead, which leave
+//   the load/store unit to the consumers; cp.async by 128 threads fills the rest (a
+//   request's last, partial tiles, zero-filled, and smaller pages).
 // - warpgroups 1 and 2, the consumers, take 224 registers each and own 64 query rows; they
 //   run both GEMMs as wgmma (S = Q K^T from shared memory, O += P V with P in registers)
 //   with the softmax of tile j overlapped with P V of tile j - 1: S_j is issued, then
@@ -66,7 +66,11 @@ struct WarpSpecializedPrefill {
   // Tensor maps (the launch's, 128-byte swizzle, boxes of 64 dims): q [tokens, qo_heads, d]
   // in boxes of (64, kRowsPerQuery, kRows / kRowsPerQuery) where whole queries fill a tile,
   // k and v [tokens, kv_heads, d] in boxes of (64, 1, kKeys).
-  static_assert(!kTensorMaps || KvSource::kKeyStride > 0, "tensor maps for ragged K/V");
+  // Paged, a box is a page's part of a tile: pages of at least 64 keys that divide a tile
+  // or that tiles divide.
+  static_assert(!kTensorMaps || KvSource::kPageSize == 0 ||
+                    (KvSource::kPageSize >= 64 && (kKeys % KvSource::kPageSize == 0 || KvSource::kPageSize % kKeys == 0)),
+                "tensor maps for ragged K/V or pages of whole boxes");
   static constexpr bool kTensorMapQ = kTensorMaps && kRows % kRowsPerQuery == 0;
 
   // Without sm_90a: the FlashAttention-2 form with mma.sync on the first 2 warpgroups.
@@ -231,17 +235,34 @@ struct WarpSpecializedPrefill {
     }
     copy_rows<kKeys>(tile, base, [&](int key) { return kv.offset(kv_indices, key, kv_head); }, first, valid);
   }
-  // The tile, landing on `full`: by TMA where it lies inside the request, else copy_kv_rows.
+  // Paged TMA: the boxes of a tile are its pages (or its part of one page).
+  static constexpr bool kPagedMaps = kTensorMaps && Kv::kPageSize > 0;
+  static constexpr int kBoxRows = kPagedMaps && Kv::kPageSize < kKeys ? Kv::kPageSize : kKeys;
+  // The tile (V's where `value`), landing on `full`: by TMA where it lies inside the
+  // request, else copy_kv_rows.
   static __device__ __forceinline__ void load_kv_tile(T* tile, const T* base, const bulk::TensorMap* map, const Kv& kv,
-                                                      const int* kv_indices, int kv_head, int first, int valid,
+                                                      const int* kv_indices, int kv_head, int first, int valid, bool value,
                                                       unsigned long long* full) {
     if constexpr (kTensorMaps) {
       if (first + kKeys <= valid) {
         if (threadIdx.x == 0) {
           bulk::barrier_expect_bytes(full, kTileElements * sizeof(T));
+          if constexpr (Kv::kPageSize == 0) {
 #pragma unroll
-          for (int half = 0; half < kHeadDim / 64; ++half)
-            bulk::copy_tile(tile + half * kKeys * 64, map, half * 64, kv_head, kv.first + first, full);
+            for (int half = 0; half < kHeadDim / 64; ++half)
+              bulk::copy_tile(tile + half * kKeys * 64, map, half * 64, kv_head, kv.first + first, full);
+          } else {
+            int page[kKeys / kBoxRows];  // all page numbers first, so their loads overlap
+#pragma unroll
+            for (int i = 0; i < kKeys / kBoxRows; ++i) page[i] = kv_indices[kv.first_page + (first + i * kBoxRows) / Kv::kPageSize];
+#pragma unroll
+            for (int i = 0; i < kKeys / kBoxRows; ++i) {
+              const int row = Kv::map_row(page[i], (first + i * kBoxRows) % Kv::kPageSize, kv_head, value);
+#pragma unroll
+              for (int half = 0; half < kHeadDim / 64; ++half)
+                bulk::copy_tile(tile + half * kKeys * 64 + i * kBoxRows * 64, map, half * 64, Kv::map_head(kv_head), row, full);
+            }
+          }
         } else {
           bulk::barrier_arrive(full);
         }
@@ -323,7 +344,7 @@ struct WarpSpecializedPrefill {
           const int stage = tile_count % kStages;
           bulk::barrier_wait(&k_empty[stage], ((tile_count / kStages) & 1) ^ 1);  // a fresh barrier's "previous" phase has completed
           load_kv_tile(k_tiles + stage * kTileElements, k, k_map, w.kv, kv_indices, w.kv_head, w.first_tile * kKeys, kv_len,
-                       &k_full[stage]);
+                       false, &k_full[stage]);
         }
         bulk::barrier_wait(q_empty, (q_round++ & 1) ^ 1);
         if (kTensorMapQ && w.row0 + kRows <= w.rows) {
@@ -345,13 +366,14 @@ struct WarpSpecializedPrefill {
           if (j < w.end_tile) {
             const int n = tile_count + (j - w.first_tile), stage = n % kStages;
             bulk::barrier_wait(&k_empty[stage], ((n / kStages) & 1) ^ 1);
-            load_kv_tile(k_tiles + stage * kTileElements, k, k_map, w.kv, kv_indices, w.kv_head, j * kKeys, kv_len, &k_full[stage]);
+            load_kv_tile(k_tiles + stage * kTileElements, k, k_map, w.kv, kv_indices, w.kv_head, j * kKeys, kv_len, false,
+                         &k_full[stage]);
           }
           {
             const int n = tile_count + (j - 1 - w.first_tile), stage = n % kStages;
             bulk::barrier_wait(&v_empty[stage], ((n / kStages) & 1) ^ 1);
             load_kv_tile(v_tiles + stage * kTileElements, v, v_map, w.kv, kv_indices, w.kv_head, (j - 1) * kKeys, kv_len,
-                         &v_full[stage]);
+                         true, &v_full[stage]);
           }
         }
         tile_count += w.end_tile - w.first_tile;
