@@ -104,6 +104,25 @@ TEST_CASE("launch checks arguments against the signature before touching the GPU
   CHECK_THROWS_AS(kjit::Kernel().launch({}), kjit::ArgumentError);
 }
 
+TEST_CASE("tensor maps: the view's extents and strides, known or not", "[engine]") {
+  using kjit::detail::tensor_map_geometry;
+  // Ragged k [1000 tokens, 8 heads, 128] bf16 as (dim, head, row).
+  auto g = tensor_map_geometry({128, 8, 0}, 2, 1000 * 8 * 128);
+  REQUIRE(g.rank == 3);
+  CHECK((g.dims[0] == 128 && g.dims[1] == 8 && g.dims[2] == 1000));
+  CHECK((g.strides[0] == 256 && g.strides[1] == 2048));
+  // HND pages [40 pages, 8 heads, 64 slots, 128] as (dim, 1, row): a row per head's slot.
+  g = tensor_map_geometry({128, 1, 0}, 2, 40 * 8 * 64 * 128);
+  CHECK((g.dims[1] == 1 && g.dims[2] == 40 * 8 * 64 && g.strides[1] == 256));
+  // A pointer argument: rows as far as 47-bit addresses allow, at most 2^31.
+  g = tensor_map_geometry({128, 8, 0}, 2, -1);
+  CHECK(g.dims[2] == 1ull << 31);
+  g = tensor_map_geometry({1 << 20, 1 << 10, 0}, 4, -1);
+  CHECK(g.dims[2] == (1ull << 47) / (4ull << 30));
+  // An empty tensor still maps one row (TMA refuses 0); no box is read.
+  CHECK(tensor_map_geometry({128, 8, 0}, 2, 0).dims[2] == 1);
+}
+
 TEST_CASE("dtype names", "[engine]") {
   CHECK(kjit::parse_dtype("bfloat16") == kjit::DType::bfloat16);
   CHECK(kjit::parse_dtype("float8_e4m3fn") == kjit::DType::float8_e4m3);

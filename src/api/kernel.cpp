@@ -77,6 +77,27 @@ CUfunction KernelState::function(int device, std::size_t rule) const {
   return fs[rule];
 }
 
+TensorMapGeometry tensor_map_geometry(const std::vector<std::int64_t>& view, std::size_t element_bytes,
+                                      std::int64_t elements) {
+  TensorMapGeometry g;
+  g.rank = static_cast<int>(std::min<std::size_t>(view.size(), 5));
+  std::int64_t known = 1;  // the product of the given dims
+  for (std::int64_t x : view) known *= x > 0 ? x : 1;
+  std::uint64_t stride = element_bytes;  // bytes from one index of the dim to the next
+  for (int a = 0; a < g.rank; ++a) {
+    std::int64_t extent = view[a];
+    // The rest: what the tensor holds, or, unknown, as far as a 47-bit address range
+    // allows, at most 2^31. Empty: 1, as TMA refuses 0 (no box is read then).
+    if (extent == 0)
+      extent = elements >= 0 ? elements / known
+                             : static_cast<std::int64_t>(std::min<std::uint64_t>(1ull << 31, (1ull << 47) / stride));
+    g.dims[a] = static_cast<std::uint64_t>(std::max<std::int64_t>(extent, 1));
+    if (a > 0) g.strides[a - 1] = stride;
+    stride *= g.dims[a];
+  }
+  return g;
+}
+
 namespace {
 
 bool dtype_matches(const DLDataType& t, DType want) {
@@ -120,30 +141,19 @@ void encode_tensor_map(CUtensorMap* map, const KernelInfo& info, const families:
   if (!d.tensor_map_encode_tiled)
     throw CudaError(fmt::format("{}: the driver lacks cuTensorMapEncodeTiled (CUDA 12 or newer)", info.entry));
   const Param& p = info.params[rule.param];
-  const int rank = static_cast<int>(rule.dims.size());
-  const std::uint64_t element = static_cast<std::uint64_t>(dtype_size(p.dtype));
-  std::int64_t known = 1;  // the product of the given dims
-  for (std::int64_t x : rule.dims) known *= x > 0 ? x : 1;
+  const TensorMapGeometry g = tensor_map_geometry(rule.dims, dtype_size(p.dtype), elements);
   cuuint64_t dims[5], strides[4];
   cuuint32_t box[5], element_strides[5];
-  std::uint64_t stride = element;  // bytes from one index of the dim to the next
-  for (int a = 0; a < rank; ++a) {
-    std::int64_t extent = rule.dims[a];
-    // The rest: what the tensor holds, or, unknown, as far as a 47-bit address range
-    // allows, at most 2^31. Empty: 1, as TMA refuses 0 (no box is read then).
-    if (extent == 0)
-      extent = elements >= 0 ? elements / known
-                             : static_cast<std::int64_t>(std::min<std::uint64_t>(1ull << 31, (1ull << 47) / stride));
-    dims[a] = static_cast<cuuint64_t>(std::max<std::int64_t>(extent, 1));
-    if (a > 0) strides[a - 1] = stride;
-    stride *= dims[a];
+  for (int a = 0; a < g.rank; ++a) {
+    dims[a] = g.dims[a];
+    if (a > 0) strides[a - 1] = g.strides[a - 1];
     box[a] = rule.box[a];
     element_strides[a] = 1;
   }
-  const CUresult r = d.tensor_map_encode_tiled(map, tensor_map_type(p.dtype), static_cast<cuuint32_t>(rank), const_cast<void*>(data),
-                                               dims, strides, box, element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                                               CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                                               CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  const CUresult r = d.tensor_map_encode_tiled(map, tensor_map_type(p.dtype), static_cast<cuuint32_t>(g.rank),
+                                               const_cast<void*>(data), dims, strides, box, element_strides,
+                                               CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                                               CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   runtime::check(r, fmt::format("{}: cuTensorMapEncodeTiled for argument {} ({})", info.entry, rule.param, p.name).c_str());
 }
 

@@ -38,6 +38,16 @@ struct ParamCheck {
   DimCheck dims[kMaxRank];
 };
 
+// A tensor map's extents and byte strides (innermost first) for the view `view` (a
+// TensorMapRule's dims) of a tensor of `elements` elements (-1: unknown) of element_bytes.
+struct TensorMapGeometry {
+  int rank = 0;
+  std::uint64_t dims[5] = {};
+  std::uint64_t strides[4] = {};  // of dims 1.. (dim 0 is contiguous)
+};
+TensorMapGeometry tensor_map_geometry(const std::vector<std::int64_t>& view, std::size_t element_bytes,
+                                      std::int64_t elements);
+
 struct KernelState {
   KernelInfo info;
   std::string cubin;
