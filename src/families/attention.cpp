@@ -290,9 +290,9 @@ class AttentionFamily final : public Family {
         // (dim, 1, row). A box is a tile or, paged, one page's part of it.
         const std::uint32_t box_rows = static_cast<std::uint32_t>(paged ? std::min(page_size, tile_keys) : tile_keys);
         const std::int64_t heads_axis = paged && layout == "HND" ? 1 : kv_heads;
-        for (const char* name : paged ? (combined ? std::vector<const char*>{"kv_cache", "kv_cache"}
-                                                  : std::vector<const char*>{"k_cache", "v_cache"})
-                                      : std::vector<const char*>{"k", "v"})
+        const char* k_name = !paged ? "k" : combined ? "kv_cache" : "k_cache";
+        const char* v_name = !paged ? "v" : combined ? "kv_cache" : "v_cache";
+        for (const char* name : {k_name, v_name})
           launch.tensor_maps.push_back({param_index(p, name), {head_dim, heads_axis, 0}, {64, 1, box_rows}});
       }
       launch.entry = entry;

@@ -306,8 +306,8 @@ struct WarpSpecializedPrefill {
     T* q_tile = reinterpret_cast<T*>(dynamic_shared + (-mma::shared_address(dynamic_shared) & 1023u));
     T* k_tiles = q_tile + kRows * kHeadDim;
     T* v_tiles = k_tiles + kStages * kTileElements;
-    // Barriers: Q landed / released; per stage K and V landed (128 producer arrivals, each thread's cp.async or, for a TMA
-    // tile, one arrival with its bytes and 127 plain ones) and
+    // Barriers: Q landed / released; per stage K and V landed (128 producer arrivals: each
+    // thread's cp.async, or for a TMA tile one arrival with its bytes and 127 plain ones) and
     // released (one arrival per consumer warp).
     unsigned long long* q_full = reinterpret_cast<unsigned long long*>(v_tiles + kStages * kTileElements);
     unsigned long long* q_empty = q_full + 1;
