@@ -8,6 +8,7 @@
 #include <map>
 #include <memory>
 #include <numeric>
+#include <optional>
 #include <random>
 
 #include <fmt/format.h>
@@ -714,6 +715,12 @@ void run_prefill_case(const PrefillCase& c, const std::vector<std::pair<std::int
   if (paged) args.insert(args.end(), {kjit::Arg(dind.get()), kjit::Arg(dlast.get())});
   args.emplace_back(out.get());
   if (c.return_lse) args.emplace_back(lse.get());
+  // "work_list": the host plan's assignment of work items to blocks.
+  std::optional<DeviceMemory> work;
+  if (c.extra.find(R"("work_list": true)") != std::string::npos) {
+    work.emplace(to_device(kjit::plan_prefill_work(prefill.info(), qo_indptr, paged ? pages.indptr : kv_indptr, pages.last_page_len)));
+    args.emplace_back(work->get());
+  }
   args.insert(args.end(), {kjit::Arg(batch), kjit::Arg(max_qo), kjit::Arg(sm_scale)});
   prefill.launch(args);
   synchronize();
@@ -801,6 +808,26 @@ TEST_CASE("batch prefill matches float64 attention on ragged requests", "[gpu][a
     one_head.extra = ws + R"(, "pack_gqa": false)";
     run_prefill_case(one_head, lengths, rng);
     run_prefill_case({32, 8, 128, true, true, 0, 0, true, 0, "NHD", false, ws}, {{1000, 1000}, {1, 3000}, {700, 2000}}, rng);
+    // Blocks walking the host plan's work list (plan_prefill_work): ragged and paged, with a
+    // sliding window, one head per item, and the long requests.
+    {
+      const std::string listed = ws + R"(, "work_list": true)";
+      std::vector<PrefillCase> planned{{8, 2, 128}, {8, 2, 64, false}, {8, 2, 128, true, true, 0, 50}};
+      PrefillCase paged_case{8, 2, 128};
+      paged_case.page_size = 16;
+      planned.push_back(paged_case);
+      paged_case.page_size = 64;
+      paged_case.layout = "HND";
+      planned.push_back(paged_case);
+      for (auto c : planned) {
+        c.extra = listed;
+        run_prefill_case(c, lengths, rng);
+      }
+      PrefillCase one_head{8, 2, 128};
+      one_head.extra = listed + R"(, "pack_gqa": false)";
+      run_prefill_case(one_head, lengths, rng);
+      run_prefill_case({32, 8, 128, true, true, 0, 0, true, 0, "NHD", false, listed}, {{1000, 1000}, {1, 3000}, {700, 2000}}, rng);
+    }
     for (bool paged : {false, true}) {
       PrefillCase fallback{8, 2, 128};
       fallback.page_size = paged ? 16 : 0;
@@ -841,4 +868,56 @@ TEST_CASE("batch prefill matches float64 attention on ragged requests", "[gpu][a
     c.combined = true;
     run_prefill_case(c, lengths, rng);
   }
+}
+
+// A block's items change with the work list, never an item's arithmetic: the outputs must
+// be the static order's, bit for bit (outputs poisoned first, so an item the list misses
+// shows).
+TEST_CASE("prefill work lists give the static order's bits", "[gpu][attention][prefill]") {
+  std::mt19937_64 rng(11);
+  std::normal_distribution<float> normal;
+  const std::string base = R"({"op": "batch_prefill", "num_qo_heads": 32, "num_kv_heads": 8, "head_dim": 128, "dtype": "bfloat16", "short_form_max_qo_len": 0)";
+  const std::vector<std::pair<std::int64_t, std::int64_t>> equal(8, {1024, 1024});
+  const std::vector<std::pair<std::int64_t, std::int64_t>> ragged = {{1, 1},     {17, 17},  {0, 5},     {5, 0},     {130, 300},
+                                                                     {200, 200}, {3, 257},  {1000, 1000}, {1, 3000}, {700, 2000}};
+  for (const std::string extra : {"", R"(, "pack_gqa": false)"})
+    for (const auto& lengths : {equal, ragged}) {
+      if (!extra.empty() && lengths.size() == equal.size()) continue;
+      std::vector<std::int32_t> qo_indptr{0}, kv_indptr{0};
+      std::int64_t max_qo = 0;
+      for (auto [qo, kv] : lengths) {
+        qo_indptr.push_back(static_cast<std::int32_t>(qo_indptr.back() + qo));
+        kv_indptr.push_back(static_cast<std::int32_t>(kv_indptr.back() + kv));
+        max_qo = std::max(max_qo, qo);
+      }
+      std::vector<std::uint16_t> q(static_cast<std::size_t>(qo_indptr.back()) * 32 * 128),
+          k(static_cast<std::size_t>(kv_indptr.back()) * 8 * 128), v(k.size());
+      for (auto* x : {&q, &k, &v})
+        for (auto& e : *x) e = float_to_bf16(normal(rng));
+      DeviceMemory dq = to_device(q), dk = to_device(k), dv = to_device(v), dqi = to_device(qo_indptr), dki = to_device(kv_indptr);
+      std::vector<std::vector<std::uint8_t>> outputs, lses;
+      for (bool listed : {false, true}) {
+        kjit::Kernel prefill = engine().get(base + extra + (listed ? R"(, "work_list": true})" : "}"));
+        DeviceMemory out(std::max<std::size_t>(q.size() * 2, 2)), lse(std::max<std::size_t>(q.size() / 128 * 4, 4));
+        out.fill(0xff);
+        lse.fill(0xff);
+        std::vector<kjit::Arg> args{dq.get(), dk.get(), dv.get(), dqi.get(), dki.get(), out.get(), lse.get()};
+        std::optional<DeviceMemory> work;
+        if (listed) {
+          work.emplace(to_device(kjit::plan_prefill_work(prefill.info(), qo_indptr, kv_indptr)));
+          args.emplace_back(work->get());
+        }
+        args.insert(args.end(), {kjit::Arg(static_cast<std::int64_t>(lengths.size())), kjit::Arg(max_qo), kjit::Arg(0.0883883)});
+        prefill.launch(args);
+        synchronize();
+        outputs.push_back(out.download_as<std::uint8_t>());
+        lses.push_back(lse.download_as<std::uint8_t>());
+      }
+      INFO("requests " << lengths.size() << extra);
+      CHECK(outputs[0] == outputs[1]);
+      CHECK(lses[0] == lses[1]);
+      std::size_t unwritten = 0;  // the poison, a NaN no output element is
+      for (std::size_t i = 0; i + 1 < outputs[1].size(); i += 2) unwritten += outputs[1][i] == 0xff && outputs[1][i + 1] == 0xff;
+      CHECK(unwritten == 0);
+    }
 }

@@ -47,6 +47,10 @@ TEST_CASE("C ABI: status codes and kjit_last_error", "[c_api]") {
   }
   CHECK(kjit_get(engine, nullptr, &kernel) == KJIT_ERROR_ARGUMENT);
   CHECK(kjit_launch(nullptr, nullptr, 0, nullptr) == KJIT_ERROR_ARGUMENT);
+  const int32_t indptr[2] = {0, 1};
+  size_t list_size = 0;
+  CHECK(kjit_plan_prefill_work(nullptr, indptr, indptr, nullptr, 1, 132, nullptr, &list_size) == KJIT_ERROR_ARGUMENT);
+  CHECK_THAT(std::string(kjit_last_error()), Contains("prefill"));
   CHECK(std::string(kjit_version()) == std::string(kjit::version()));
   kjit_engine_destroy(engine);
 }

@@ -128,6 +128,14 @@ TEST_CASE("attention plans: prefill blocks and the merge's few-row form", "[spec
         std::vector<std::uint32_t>{64, 1, 128});
   CHECK(plan("{" + prefill + R"(, "paged": true, "page_size": 16})").launch.tensor_maps.empty());
   CHECK(plan("{" + prefill + R"(, "paged": true, "page_size": 192})").launch.tensor_maps.empty());
+  // "work_list": the kernel takes the host plan's list after lse; only the warp-specialized form.
+  using kjit::families::param_index;
+  const auto listed = plan("{" + prefill + R"(, "work_list": true})");
+  CHECK(listed.spec["work_list"] == true);
+  CHECK(listed.params[static_cast<std::size_t>(param_index(listed.params, "work_list"))].dtype == kjit::DType::int32);
+  CHECK(param_index(listed.params, "work_list") == param_index(listed.params, "lse") + 1);
+  CHECK_FALSE(one.spec.contains("work_list"));
+  CHECK(param_index(one.params, "work_list") < 0);
   // A group that does not divide the 128 rows: q boxes of one head (the kernel copies Q itself).
   CHECK(plan(R"({"op": "batch_prefill", "num_qo_heads": 12, "num_kv_heads": 4, "head_dim": 128, "dtype": "bfloat16"})")
             .launch.tensor_maps[0].box == std::vector<std::uint32_t>{64, 1, 128});
@@ -272,6 +280,8 @@ TEST_CASE("spec refusals name the field, the value and what is allowed", "[spec]
   CHECK_THAT(refusal("{" + prefill + R"(, "warp_specialized": false, "short_form_max_qo_len": 64})"),
              Contains("field \"short_form_max_qo_len\"") && Contains("warp-specialized"));
   CHECK_THAT(refusal("{" + prefill + R"(, "short_form_max_qo_len": -1})"), Contains("field \"short_form_max_qo_len\""));
+  CHECK_THAT(refusal("{" + prefill + R"(, "warp_specialized": false, "work_list": true})"),
+             Contains("field \"work_list\"") && Contains("warp-specialized"));
   CHECK(refusal(R"([1, 2])") == "spec must be a JSON object, got array");
   CHECK(refusal(R"({"hidden_size": 4096})").find("spec has no \"op\" field") == 0);
   CHECK(refusal("{\"op\": \"rmsnorm\",\n \"hidden_size\": 4096,,}").find("spec is not valid JSON: parse error at line 2, column 22") == 0);

@@ -287,6 +287,14 @@ BenchResult bench_prefill(Engine& engine, const std::string& spec, std::int64_t 
   if (paged) args.insert(args.end(), {Arg(static_cast<const void*>(d_pages.get())), Arg(static_cast<const void*>(d_last.get()))});
   args.emplace_back(static_cast<const void*>(out.get()));
   if (return_lse) args.emplace_back(static_cast<const void*>(lse.get()));
+  // "work_list": the host plan's balanced assignment of work items to blocks (made once).
+  std::vector<std::int32_t> work_list;
+  if (j.value("work_list", false)) work_list = plan_prefill_work(info, indptr, paged ? page_indptr : kv_indptr, last);
+  DeviceBuffer d_work(std::max<std::size_t>(work_list.size() * 4, 4));
+  if (!work_list.empty()) {
+    d_work.upload(work_list.data());
+    args.emplace_back(static_cast<const void*>(d_work.get()));
+  }
   args.insert(args.end(), {Arg(batch_size), Arg(seq_len), Arg(sm_scale)});
   BenchResult r;
   r.spec = info.spec;

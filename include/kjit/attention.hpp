@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <span>
 #include <string_view>
+#include <vector>
 
 #include "kjit/kjit.hpp"
 
@@ -74,6 +75,20 @@ class BatchDecode {
   bool return_lse_ = true, combined_ = false, scaled_ = false;
   int num_sms_ = 0, blocks_per_sm_ = 0;
 };
+
+// Work balancing for the warp-specialized batch_prefill with "work_list": true. Its blocks
+// (one per SM) otherwise walk the work items (128 rows of a request, for one head block) in
+// a static order that can leave an SM 5-12% more tiles than the mean (causal batches of 2-8
+// equal requests). This gives each item, longest first, to the block with the least work so
+// far (its K/V tiles plus a per-item cost), in the kernel's groups of requests that share
+// L2. From host copies of qo_indptr and kv_indptr (and kv_last_page_len for a paged spec);
+// copy the result to the device and pass it as the kernel's work_list argument. It holds
+// for these lengths, launched with max_qo_len = the longest request's queries on a GPU of
+// num_sms SMs (0: the current device's); a launch with another grid ignores it (the same
+// results, in the static order).
+std::vector<std::int32_t> plan_prefill_work(const KernelInfo& prefill, std::span<const std::int32_t> qo_indptr,
+                                            std::span<const std::int32_t> kv_indptr,
+                                            std::span<const std::int32_t> kv_last_page_len = {}, int num_sms = 0);
 
 }  // namespace kjit
 

@@ -4,6 +4,8 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <functional>
+#include <queue>
 
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
@@ -160,6 +162,94 @@ void BatchDecode::run(const DecodePlan& plan, const DecodeBuffers& b, double sm_
     void* merged_lse = return_lse_ ? static_cast<void*>(b.lse) : ws + w.merged_lse;
     merge_.launch({partial_output, partial_lse, b.output, merged_lse, plan.batch_size, plan.num_chunks}, stream);
   }
+}
+
+std::vector<std::int32_t> plan_prefill_work(const KernelInfo& prefill, std::span<const std::int32_t> qo_indptr,
+                                            std::span<const std::int32_t> kv_indptr,
+                                            std::span<const std::int32_t> kv_last_page_len, int num_sms) {
+  const auto spec = nlohmann::json::parse(prefill.spec);
+  if (prefill.op != "batch_prefill" || !spec.value("work_list", false))
+    throw ArgumentError(fmt::format("plan_prefill_work needs a batch_prefill spec with \"work_list\": true, got {}", prefill.spec));
+  const std::int64_t qo_heads = spec["num_qo_heads"], kv_heads = spec["num_kv_heads"], head_dim = spec["head_dim"];
+  const bool causal = spec["causal"], paged = spec.value("paged", false);
+  const std::int64_t window = spec.value("sliding_window", std::int64_t{0}), page_size = spec.value("page_size", std::int64_t{0});
+  const std::int64_t group = qo_heads / kv_heads;
+  const bool pack = spec.value("pack_gqa", group <= 64);
+  // The kernel's geometry (prefill_warp_specialized.cuh): items of 128 rows, (query, head)
+  // pairs when packed; K/V tiles of 128 keys.
+  constexpr std::int64_t kRows = 128, kKeys = 128;
+  const std::int64_t head_blocks = pack ? kv_heads : qo_heads, rows_per_query = pack ? group : 1;
+  const std::int64_t queries_per_tile = pack ? kRows / group : kRows;
+
+  if (qo_indptr.empty() || kv_indptr.size() != qo_indptr.size())
+    throw ArgumentError(fmt::format("plan_prefill_work: qo_indptr has {} entries, kv_indptr {}; expected batch_size + 1 each",
+                                    qo_indptr.size(), kv_indptr.size()));
+  const auto batch = static_cast<std::int64_t>(qo_indptr.size()) - 1;
+  if (paged && kv_last_page_len.size() != static_cast<std::size_t>(batch))
+    throw ArgumentError(fmt::format("plan_prefill_work: kv_last_page_len has {} entries, expected {}", kv_last_page_len.size(), batch));
+  std::vector<std::int64_t> qo_len(static_cast<std::size_t>(batch)), kv_len(static_cast<std::size_t>(batch));
+  std::int64_t max_qo_len = 0;
+  for (std::int64_t b = 0; b < batch; ++b) {
+    const auto i = static_cast<std::size_t>(b);
+    qo_len[i] = qo_indptr[i + 1] - qo_indptr[i];
+    const std::int64_t kv = kv_indptr[i + 1] - kv_indptr[i];
+    if (qo_len[i] < 0 || kv < 0) throw ArgumentError(fmt::format("plan_prefill_work: an indptr decreases at request {}", b));
+    if (paged && kv > 0 && (kv_last_page_len[i] < 1 || kv_last_page_len[i] > page_size))
+      throw ArgumentError(fmt::format("plan_prefill_work: kv_last_page_len[{}] = {} is outside 1..{}", b, kv_last_page_len[i], page_size));
+    kv_len[i] = paged ? (kv > 0 ? (kv - 1) * page_size + kv_last_page_len[i] : 0) : kv;
+    max_qo_len = std::max(max_qo_len, qo_len[i]);
+  }
+  const std::int64_t row_tiles = (max_qo_len + queries_per_tile - 1) / queries_per_tile;
+  const std::int64_t items = head_blocks * batch * row_tiles;
+  if (num_sms <= 0) num_sms = runtime::multiprocessor_count(runtime::current_device());
+  const std::int64_t blocks = std::min<std::int64_t>(items, num_sms);  // the launch's persistent grid
+
+  // The kernel's groups of requests whose K/V fit 16 MB of L2 at the batch's mean length.
+  const std::int64_t keys = static_cast<std::int64_t>(kv_indptr.back()) * (paged ? page_size : 1);
+  const std::int64_t request_bytes = std::max<std::int64_t>(1, keys / std::max<std::int64_t>(batch, 1) * kv_heads * head_dim * 2 * 2);
+  const std::int64_t per_group = batch <= 1 ? 1 : std::min(batch, std::max<std::int64_t>(1, (16ll << 20) / request_bytes));
+
+  // An item's cost in tiles: its K/V tiles plus its start and end (~2.3 us against 1.73 us
+  // a tile for causal 8 x 1024 on an H200).
+  constexpr double kItemCost = 1.3;
+  struct Item {
+    double cost;
+    std::int32_t id;
+  };
+  using Load = std::pair<double, std::int64_t>;  // (work so far, block)
+  std::priority_queue<Load, std::vector<Load>, std::greater<Load>> least;
+  for (std::int64_t k = 0; k < blocks; ++k) least.push({0.0, k});
+  std::vector<std::vector<std::int32_t>> assigned(static_cast<std::size_t>(blocks));
+  std::vector<Item> group_items;
+  for (std::int64_t first = 0; first < batch; first += per_group) {
+    group_items.clear();
+    for (std::int64_t tile = row_tiles - 1; tile >= 0; --tile)
+      for (std::int64_t b = first; b < std::min(batch, first + per_group); ++b) {
+        const auto i = static_cast<std::size_t>(b);
+        const std::int64_t rows = qo_len[i] * rows_per_query, row0 = tile * kRows;
+        if (row0 >= rows) continue;  // the kernel skips it
+        const std::int64_t shift = kv_len[i] - qo_len[i];
+        const std::int64_t first_query = row0 / rows_per_query, last_query = (std::min(row0 + kRows, rows) - 1) / rows_per_query;
+        const std::int64_t key_end = causal ? std::max<std::int64_t>(0, std::min(kv_len[i], last_query + shift + 1)) : kv_len[i];
+        const std::int64_t key_begin = window > 0 ? std::max<std::int64_t>(0, first_query + shift - window + 1) : 0;
+        const std::int64_t tiles = std::max<std::int64_t>(0, (key_end + kKeys - 1) / kKeys - key_begin / kKeys);
+        for (std::int64_t head_block = 0; head_block < head_blocks; ++head_block)
+          group_items.push_back({kItemCost + static_cast<double>(tiles),
+                                 static_cast<std::int32_t>((tile * batch + b) * head_blocks + head_block)});
+      }
+    std::stable_sort(group_items.begin(), group_items.end(), [](const Item& x, const Item& y) { return x.cost > y.cost; });
+    for (const Item& item : group_items) {
+      auto [load, block] = least.top();
+      least.pop();
+      assigned[static_cast<std::size_t>(block)].push_back(item.id);
+      least.push({load + item.cost, block});
+    }
+  }
+  // [blocks, offsets of each block's items (blocks + 1), items]
+  std::vector<std::int32_t> list{static_cast<std::int32_t>(blocks), 0};
+  for (const auto& a : assigned) list.push_back(list.back() + static_cast<std::int32_t>(a.size()));
+  for (const auto& a : assigned) list.insert(list.end(), a.begin(), a.end());
+  return list;
 }
 
 }  // namespace kjit

@@ -2,6 +2,7 @@
 // thread-local message for kjit_last_error().
 #include "kjit/kjit.h"
 
+#include <algorithm>
 #include <cstring>
 #include <string>
 
@@ -151,6 +152,28 @@ kjit_status kjit_render(kjit_engine* engine, const char* spec_json, char* buffer
     if (!buffer) return;
     if (capacity < source.size() + 1) throw kjit::ArgumentError("buffer too small: " + std::to_string(*size) + " bytes needed");
     std::memcpy(buffer, source.c_str(), source.size() + 1);
+  });
+}
+
+kjit_status kjit_plan_prefill_work(const kjit_kernel* prefill, const int32_t* qo_indptr, const int32_t* kv_indptr,
+                                   const int32_t* kv_last_page_len, int64_t batch_size, int num_sms, int32_t* buffer,
+                                   size_t* size) {
+  if (!prefill) return null_argument("prefill");
+  if (!qo_indptr) return null_argument("qo_indptr");
+  if (!kv_indptr) return null_argument("kv_indptr");
+  if (!size) return null_argument("size");
+  return guarded([&] {
+    if (batch_size < 0) throw kjit::ArgumentError("batch_size is negative");
+    const auto n = static_cast<std::size_t>(batch_size);
+    std::span<const std::int32_t> last;
+    if (kv_last_page_len) last = {kv_last_page_len, n};
+    const std::vector<std::int32_t> list =
+        kjit::plan_prefill_work(prefill->kernel.info(), {qo_indptr, n + 1}, {kv_indptr, n + 1}, last, num_sms);
+    const size_t capacity = *size;
+    *size = list.size();
+    if (!buffer) return;
+    if (capacity < list.size()) throw kjit::ArgumentError("buffer too small: " + std::to_string(list.size()) + " values needed");
+    std::copy(list.begin(), list.end(), buffer);
   });
 }
 

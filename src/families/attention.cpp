@@ -25,7 +25,8 @@
 //     keys_per_tile or warpgroups is given; needs warpgroup_mma and head_dim <= 128; without
 //     sm_90a the block runs the mma.sync form on two of its warpgroups), short_form_max_qo_len
 //     (warp-specialized: launches with max_qo_len up to it run the other form, default 16,
-//     0: never)
+//     0: never), work_list (warp-specialized, default false: the kernel takes a work_list
+//     argument, kjit::plan_prefill_work's balanced assignment of work items to blocks)
 //   {"op": "append_paged_kv_cache", "num_kv_heads": 8, "head_dim": 128, "page_size": 16,
 //    "dtype": "bfloat16"}    (kv_layout, kv_storage as above; dtype may be float8_e4m3)
 //   {"op": "merge_states" | "merge_state", "num_heads": 32, "head_dim": 128,
@@ -211,6 +212,10 @@ class AttentionFamily final : public Family {
         fields.integer("short_form_max_qo_len", 0, std::numeric_limits<std::int32_t>::max(), default_short_form);
     if (fields.has("short_form_max_qo_len") && !warp_specialized)
       fields.fail("short_form_max_qo_len", "chooses between forms of the warp-specialized kernel (\"warp_specialized\": true)");
+    // Warp-specialized: blocks walk a host plan's list of work items (plan_prefill_work), balanced
+    // by their tiles, instead of the kernel's static order.
+    const bool work_list = fields.boolean("work_list", false);
+    if (work_list && !warp_specialized) fields.fail("work_list", "needs the warp-specialized form (\"warp_specialized\": true)");
     fields.finish();
     const auto [qo_heads, kv_heads, head_dim, dtype, return_lse, soft_cap, window] = a;
 
@@ -223,6 +228,7 @@ class AttentionFamily final : public Family {
     if (warpgroups != default_warpgroups) plan.spec["warpgroups"] = warpgroups;
     if (warp_specialized != specialized_by_default) plan.spec["warp_specialized"] = warp_specialized;
     if (warp_specialized && short_form_max_qo_len != default_short_form) plan.spec["short_form_max_qo_len"] = short_form_max_qo_len;
+    if (work_list) plan.spec["work_list"] = true;
     if (paged)
       plan.spec.update({{"paged", true}, {"page_size", page_size}, {"kv_layout", layout},
                         {"kv_storage", combined ? "combined" : "separate"}});
@@ -246,13 +252,14 @@ class AttentionFamily final : public Family {
     }
     p.push_back(vector_param("output", dtype, {"total_q", hq, d}, 16, Param::Access::write));  // 8-column chunks
     if (return_lse) p.push_back(tensor_param("lse", DType::float32, {"total_q", hq}, Param::Access::write));
+    if (work_list) p.push_back(tensor_param("work_list", DType::int32, {"work_list_size"}));
     p.push_back(integer_param("batch_size", 0, 65535));
     p.push_back(integer_param("max_qo_len", 0, std::numeric_limits<std::int32_t>::max()));  // the longest request's queries
     p.push_back(real_param("sm_scale"));
 
     plan.template_params.update({{"causal", causal}, {"paged", paged}, {"page_size", page_size}, {"kv_layout", layout},
                                  {"combined", combined}, {"pack_gqa", pack_gqa}, {"warpgroup_mma", warpgroup_mma},
-                                 {"warp_specialized", warp_specialized}});
+                                 {"warp_specialized", warp_specialized}, {"work_list", work_list}});
     // One entry point per form: its template parameters and its launch. 64 query rows per MMA
     // warpgroup; K/V tiles double-buffered (Q, 2 K and 2 V tiles, 1 KB to align them);
     // warp-specialized: two MMA warpgroups, a copying one, 128-key tiles and 256 bytes of

@@ -31,7 +31,7 @@
 namespace kjit::attention {
 
 template <typename T, int kHeadDim, int kQoHeads, int kKvHeads, bool kCausal, bool kSoftCap, int kWindow, bool kLse,
-          typename KvSource, bool kPackGqa, int kStages_ = 2, bool kTensorMaps = false>
+          typename KvSource, bool kPackGqa, int kStages_ = 2, bool kTensorMaps = false, bool kWorkList = false>
 struct WarpSpecializedPrefill {
   using Kv = KvSource;
   static constexpr int kConsumers = 2;                 // warpgroups of 64 query rows
@@ -169,6 +169,22 @@ struct WarpSpecializedPrefill {
     const int position = (round & 1) ? static_cast<int>(gridDim.x - 1 - blockIdx.x) : static_cast<int>(blockIdx.x);
     return round * static_cast<int>(gridDim.x) + position;
   }
+  // With a work list (kWorkList; the host's plan_prefill_work), a block walks the items the
+  // plan gave it instead: [blocks, offsets of each block's items (blocks + 1), items], an
+  // item as (tile * batch + request) * kHeadBlocks + head block. A list made for another
+  // grid size is ignored (the order above then, with the same results).
+  struct WorkList {
+    const int* list = nullptr;
+    int begin = 0, end = 0;  // this block's items
+    __device__ __forceinline__ explicit WorkList(const int* work_list) {
+      if (kWorkList && work_list != nullptr && work_list[0] == static_cast<int>(gridDim.x)) {
+        list = work_list + gridDim.x + 2;
+        begin = work_list[1 + blockIdx.x];
+        end = work_list[2 + blockIdx.x];
+      }
+    }
+    __device__ __forceinline__ bool active() const { return kWorkList && list != nullptr; }
+  };
   // Both roles build the same items, so they walk the same tiles.
   struct WorkItem {
     int b, kv_head, head0, q_begin, rows, row0, shift, first_tile = 0, end_tile = 0;
@@ -278,7 +294,8 @@ struct WarpSpecializedPrefill {
                              const int* __restrict__ kv_indices, const int* __restrict__ kv_last_page_len,
                              T* __restrict__ o, float* __restrict__ lse, float sm_scale, float soft_cap, long long batch_size,
                              long long max_qo_len, const bulk::TensorMap* q_map = nullptr,
-                             const bulk::TensorMap* k_map = nullptr, const bulk::TensorMap* v_map = nullptr) {
+                             const bulk::TensorMap* k_map = nullptr, const bulk::TensorMap* v_map = nullptr,
+                             const int* __restrict__ work_list = nullptr) {
 #if !defined(__CUDA_ARCH_FEAT_SM90_ALL)
     if (threadIdx.x >= Fallback::kThreads) return;
 #pragma unroll 1
@@ -296,9 +313,19 @@ struct WarpSpecializedPrefill {
     const int row_tiles = static_cast<int>((max_qo_len + kQueriesPerTile - 1) / kQueriesPerTile);
     const int items = kHeadBlocks * batch * row_tiles;
     const ItemOrder order(batch, row_tiles, kv_indptr);
-    auto work_item = [&](int index) {
+    const WorkList listed(work_list);
+    // The block's item in its round-th turn (has_item first).
+    auto has_item = [&](int round) { return listed.active() ? round < listed.end - listed.begin : block_item(round) < items; };
+    auto work_item = [&](int round) {
       int head_block, b, tile;
-      order.item(index, head_block, b, tile);
+      if (listed.active()) {
+        const int item = listed.list[listed.begin + round];
+        head_block = item % kHeadBlocks;
+        b = item / kHeadBlocks % batch;
+        tile = item / kHeadBlocks / batch;
+      } else {
+        order.item(block_item(round), head_block, b, tile);
+      }
       return WorkItem(head_block, b, tile, qo_indptr, kv_indptr, kv_last_page_len);
     };
     const float kNegInf = -__int_as_float(0x7f800000);
@@ -333,8 +360,8 @@ struct WarpSpecializedPrefill {
     if (warpgroup == 0) {
       wgmma::lower_registers<kProducerRegisters>();
       int tile_count = 0, q_round = 0;
-      for (int round = 0, index; (index = block_item(round)) < items; ++round) {
-        const WorkItem w = work_item(index);
+      for (int round = 0; has_item(round); ++round) {
+        const WorkItem w = work_item(round);
         if (!w.has_tiles()) continue;
         const int kv_len = w.kv.length();
         // In the order the consumers use them: K_0, Q, then K_j before V_{j-1}. K_0 goes
@@ -404,8 +431,8 @@ struct WarpSpecializedPrefill {
     // the P V has landed, +5% and -0.3%.
     WorkItem next;
     bool have_next = false;
-    for (int round = 0, index; (index = block_item(round)) < items; ++round) {
-      const WorkItem w = have_next ? next : work_item(index);
+    for (int round = 0; has_item(round); ++round) {
+      const WorkItem w = have_next ? next : work_item(round);
       have_next = false;
       if (w.row0 >= w.rows) continue;
       const int kv_len = w.kv.length();
@@ -560,8 +587,8 @@ struct WarpSpecializedPrefill {
         wgmma::fence_shared_for_async_reads();
         issue_accumulate(stage);
         pass_turn(consumer);
-        if (const int next_index = block_item(round + 1); next_index < items) {
-          next = work_item(next_index);
+        if (has_item(round + 1)) {
+          next = work_item(round + 1);
           have_next = true;
         }
         wgmma::wait<0>();
