@@ -383,7 +383,8 @@ int overhead_child(const std::string& spec, const std::string& cache_dir) {
   return k.info().source == ArtifactSource::disk_cache ? 0 : 1;
 }
 
-OverheadResult measure_overhead(const std::string& spec, const std::string& self) {
+OverheadResult measure_overhead(const std::string& spec, const std::string& self,
+                                std::map<std::string, std::int64_t> shape) {
   OverheadResult r;
   char dir_template[] = "/tmp/kjit-overhead-XXXXXX";
   if (!::mkdtemp(dir_template)) throw CacheError("cannot create a temporary cache directory");
@@ -419,7 +420,9 @@ OverheadResult measure_overhead(const std::string& spec, const std::string& self
 
   // Launch overhead: host time per launch, in batches short enough not to fill the queue.
   const KernelInfo& info = k.info();
-  std::map<std::string, std::int64_t> shape{{"batch_size", 1}};
+  shape.emplace("batch_size", 1);
+  // Buffers are zero-filled, so index arrays describe empty work: the kernel exits at once.
+  auto integer = [&](const Param& p) { return shape.count(p.name) ? shape.at(p.name) : std::int64_t{1}; };
   std::vector<DeviceBuffer> buffers;
   std::vector<Arg> pointer_args, tensor_args;
   std::vector<DLTensor> tensors(info.params.size());
@@ -445,8 +448,8 @@ OverheadResult measure_overhead(const std::string& spec, const std::string& self
       pointer_args.emplace_back(static_cast<const void*>(buffers.back().get()));
       tensor_args.emplace_back(&tensors[i]);
     } else if (p.kind == Param::Kind::integer) {
-      pointer_args.emplace_back(std::int64_t{1});
-      tensor_args.emplace_back(std::int64_t{1});
+      pointer_args.emplace_back(integer(p));
+      tensor_args.emplace_back(integer(p));
     } else {
       pointer_args.emplace_back(1e-6);
       tensor_args.emplace_back(1e-6);
@@ -460,7 +463,11 @@ OverheadResult measure_overhead(const std::string& spec, const std::string& self
   runtime::check(d.module_load_data(&module, a.cubin.data()), "cuModuleLoadData");
   runtime::check(d.module_get_function(&function, module, info.entry.c_str()), "cuModuleGetFunction");
   std::vector<std::int64_t> raw(info.params.size());
+  // Room for the tensor maps a launch rule may append (the bare launch passes them ready-made,
+  // zeroed: the empty work never reads them); the driver reads only the function's own.
+  alignas(64) static CUtensorMap blank_maps[4] = {};
   std::vector<void*> slots(info.params.size());
+  for (auto& map : blank_maps) slots.push_back(&map);
   std::size_t b = 0;
   float eps = 1e-6f;
   for (std::size_t i = 0; i < info.params.size(); ++i) {
@@ -469,15 +476,25 @@ OverheadResult measure_overhead(const std::string& spec, const std::string& self
       raw[i] = static_cast<std::int64_t>(buffers[b++].address());
       slots[i] = &raw[i];
     } else if (p.kind == Param::Kind::integer) {
-      raw[i] = 1;
+      raw[i] = integer(p);
       slots[i] = &raw[i];
     } else {
       slots[i] = &eps;
     }
   }
-  // Geometry as the plan gives it for one row (block from the kernel's own attribute is not needed: one row, one block).
-  int block_x = 0;
+  // One block of the kernel's own size where __launch_bounds__ fixes it (else 256 threads), with
+  // all the shared memory a block may have: kernels with a dynamic buffer (the warp-specialized
+  // prefill) need it even for empty work.
+  int block_x = 0, shared_optin = 0, static_shared = 0;
   runtime::check(d.func_get_attribute(&block_x, CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK, function), "cuFuncGetAttribute");
+  runtime::check(d.func_get_attribute(&static_shared, CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES, function), "cuFuncGetAttribute");
+  CUdevice device;
+  runtime::check(d.device_get(&device, runtime::current_device()), "cuDeviceGet");
+  runtime::check(d.device_attribute(&shared_optin, CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN, device), "cuDeviceGetAttribute");
+  const unsigned bare_block = static_cast<unsigned>(block_x < 1024 ? block_x : 256);
+  const unsigned bare_shared = static_cast<unsigned>(shared_optin - static_shared);
+  runtime::check(d.func_set_attribute(function, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, static_cast<int>(bare_shared)),
+                 "cuFuncSetAttribute");
   const int batches = 40, per_batch = 250;
   auto time_launches = [&](auto&& launch_one) {
     double total = 0;
@@ -493,8 +510,7 @@ OverheadResult measure_overhead(const std::string& spec, const std::string& self
   std::vector<double> bare, with_pointers, with_tensors;
   for (int rep = 0; rep < 7; ++rep) {
     bare.push_back(time_launches([&] {
-      runtime::check(d.launch_kernel(function, 1, 1, 1, static_cast<unsigned>(std::min(block_x, 256)), 1, 1, 0, nullptr,
-                                     slots.data(), nullptr),
+      runtime::check(d.launch_kernel(function, 1, 1, 1, bare_block, 1, 1, bare_shared, nullptr, slots.data(), nullptr),
                      "cuLaunchKernel");
     }));
     with_pointers.push_back(time_launches([&] { k.launch(pointer_args); }));

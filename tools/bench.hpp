@@ -59,7 +59,10 @@ struct OverheadResult {
 };
 
 // `self` is this executable's path (to time a cache hit in a new process).
-OverheadResult measure_overhead(const std::string& spec, const std::string& self);
+// `shape` sizes the launch's buffers and integer arguments (as kjit bench's --shape; batch_size
+// defaults to 1, other integers to 1).
+OverheadResult measure_overhead(const std::string& spec, const std::string& self,
+                                std::map<std::string, std::int64_t> shape = {});
 
 // The child side: prints the milliseconds from Engine construction to a loaded kernel.
 int overhead_child(const std::string& spec, const std::string& cache_dir);

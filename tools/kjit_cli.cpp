@@ -277,8 +277,8 @@ int cmd_bench(const std::vector<std::string>& specs, const std::vector<std::vect
   return 0;
 }
 
-int cmd_overhead(const std::string& spec, const std::string& self) {
-  auto r = tools::measure_overhead(spec, self);
+int cmd_overhead(const std::string& spec, const std::string& self, const std::map<std::string, std::int64_t>& shape) {
+  auto r = tools::measure_overhead(spec, self, shape);
   fmt::print("cold compile (in process, new cache)   {:9.2f} ms  (NVRTC {:.2f} ms)\n", r.cold_compile_ms, r.nvrtc_ms);
   fmt::print("disk-cache hit, new process            {:9.3f} ms  (Engine + get + module load)\n", r.disk_hit_new_process_ms);
   fmt::print("memory hit, Engine::get                {:9.3f} us\n", r.memory_hit_us);
@@ -354,6 +354,8 @@ int main(int argc, char** argv) {
   overhead->add_option("spec", spec, "spec: inline JSON or a file")->required();
   overhead->add_flag("--child", child, "(internal) time one cache hit in this process");
   overhead->add_option("--cache-dir", cache_dir, "(internal)");
+  std::vector<std::string> overhead_shape;
+  overhead->add_option("--shape", overhead_shape, "axis values for the launch, e.g. --shape total_q=128")->allow_extra_args(false);
 
   if (argc > 1 && argv[1][0] != '-') {
     bool known = false;
@@ -429,7 +431,7 @@ int main(int argc, char** argv) {
     }
     if (overhead->parsed()) {
       if (child) return kjit::tools::overhead_child(read_spec(spec), cache_dir);
-      return cmd_overhead(read_spec(spec), self_path(argv[0]));
+      return cmd_overhead(read_spec(spec), self_path(argv[0]), parse_shape(overhead_shape));
     }
   } catch (const SpecError& e) {
     fmt::print(stderr, "kjit: {}\n", e.what());
