@@ -131,7 +131,7 @@ def attention():
 def prefill():
     import torch.nn.functional as F
     print(f"{'torch SDPA causal prefill, 32/8 heads d128 bf16':<60} {'median us':>10} {'TFLOP/s':>8}")
-    for batch, seq in ((1, 8192), (8, 1024), (1, 2048), (32, 256)):
+    for batch, seq in ((1, 8192), (2, 4096), (4, 2048), (8, 1024), (1, 2048), (32, 256)):
         q = torch.randn(batch, 32, seq, 128, dtype=torch.bfloat16, device=dev)
         k = torch.randn(batch, 8, seq, 128, dtype=torch.bfloat16, device=dev)
         v = torch.randn_like(k)
