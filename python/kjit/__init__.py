@@ -21,7 +21,7 @@ __all__ = ["Engine", "Kernel", "Error", "SpecError", "TemplateError", "CompileEr
            "rmsnorm", "fused_add_rmsnorm", "rmsnorm_fp8_quant", "fused_add_rmsnorm_fp8_quant",
            "sampling_from_probs", "top_k_sampling_from_probs", "top_p_sampling_from_probs", "min_p_sampling_from_probs",
            "top_k_top_p_sampling_from_probs", "top_k_renorm_probs", "top_p_renorm_probs", "top_k_mask_logits",
-           "BatchDecode"]
+           "BatchDecode", "plan_prefill_work"]
 
 
 class Error(RuntimeError):
@@ -193,4 +193,4 @@ from .norm import rmsnorm, fused_add_rmsnorm, rmsnorm_fp8_quant, fused_add_rmsno
 from .sampling import (sampling_from_probs, top_k_sampling_from_probs, top_p_sampling_from_probs,  # noqa: E402
                        min_p_sampling_from_probs, top_k_top_p_sampling_from_probs, top_k_renorm_probs,
                        top_p_renorm_probs, top_k_mask_logits)
-from .attention import BatchDecode  # noqa: E402
+from .attention import BatchDecode, plan_prefill_work  # noqa: E402

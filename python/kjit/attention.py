@@ -1,4 +1,5 @@
-"""Batch decode over a paged KV cache with a plan/run split (kjit/attention.hpp).
+"""Batch decode over a paged KV cache with a plan/run split, and the work list of a batch
+prefill (kjit/attention.hpp).
 
     decode = kjit.BatchDecode({"op": "batch_decode", "num_qo_heads": 32, "num_kv_heads": 8,
                                "head_dim": 128, "page_size": 16, "dtype": "bfloat16"})
@@ -29,6 +30,9 @@ def _declare():
     _lib.kjit_batch_decode_plan_chunks.restype = ctypes.c_int
     _lib.kjit_batch_decode_run.argtypes = [vp, P(DecodePlan)] + [vp] * 9 + [ctypes.c_double] * 3 + [vp]
     _lib.kjit_batch_decode_run.restype = ctypes.c_int
+    _lib.kjit_plan_prefill_work.argtypes = [vp, P(ctypes.c_int32), P(ctypes.c_int32), P(ctypes.c_int32), ctypes.c_int64,
+                                            ctypes.c_int, P(ctypes.c_int32), P(ctypes.c_size_t)]
+    _lib.kjit_plan_prefill_work.restype = ctypes.c_int
 
 
 _declare()
@@ -92,3 +96,21 @@ class BatchDecode:
                                           ptr(self._workspace), float(sm_scale), float(k_scale), float(v_scale),
                                           ctypes.c_void_p(stream or None)))
         return out, lse
+
+
+def plan_prefill_work(kernel, qo_indptr, kv_indptr, kv_last_page_len=None, num_sms=0, device=None):
+    """The work list of a batch_prefill kernel whose spec has "work_list": true: each block's
+    share of the work items, balanced by their tiles (kjit::plan_prefill_work). Once per batch
+    composition; pass the int32 tensor it returns (on `device`, default kv_indptr's) as the
+    kernel's work_list argument. kv_last_page_len: for a paged spec."""
+    import torch
+    as_int32 = ctypes.POINTER(ctypes.c_int32)
+    host = [None if t is None else t.to("cpu", torch.int32).contiguous() for t in (qo_indptr, kv_indptr, kv_last_page_len)]
+    pointers = [None if t is None else ctypes.cast(t.data_ptr(), as_int32) for t in host]
+    batch_size = host[0].numel() - 1
+    size = ctypes.c_size_t(0)
+    _check(_lib.kjit_plan_prefill_work(kernel._handle, *pointers, batch_size, num_sms, None, ctypes.byref(size)))
+    work_list = torch.empty(size.value, dtype=torch.int32)
+    _check(_lib.kjit_plan_prefill_work(kernel._handle, *pointers, batch_size, num_sms,
+                                       ctypes.cast(work_list.data_ptr(), as_int32), ctypes.byref(size)))
+    return work_list.to(kv_indptr.device if device is None else device)

@@ -100,7 +100,7 @@ class ConformanceTest(unittest.TestCase):
 
 
 @unittest.skipUnless(has_gpu(), "needs a GPU")
-class DecodeTest(unittest.TestCase):
+class AttentionTest(unittest.TestCase):
     def test_planned_and_forced_splits_match_torch(self):
         import torch
         torch.manual_seed(0)
@@ -134,6 +134,44 @@ class DecodeTest(unittest.TestCase):
         with self.assertRaises(kjit.ArgumentError) as e:  # a host tensor where the kernel needs device memory
             decode.run(q, k, v, indptr, indices.cuda(), last.cuda(), scale)
         self.assertIn("kv_indptr is on cpu", str(e.exception))
+
+    def test_prefill_work_list_matches_static_order_and_torch(self):
+        import torch
+        torch.manual_seed(1)
+        heads, kv_heads, dim = 32, 8, 128
+        lengths = [1000, 17, 0, 300, 2048, 129]  # queries = keys per request, causal
+        indptr = torch.tensor([0] + [sum(lengths[:i + 1]) for i in range(len(lengths))], dtype=torch.int32)
+        q = torch.randn(int(indptr[-1]), heads, dim, dtype=torch.bfloat16, device="cuda")
+        k = torch.randn(int(indptr[-1]), kv_heads, dim, dtype=torch.bfloat16, device="cuda")
+        v = torch.randn_like(k)
+        scale = dim ** -0.5
+        spec = {"op": "batch_prefill", "num_qo_heads": heads, "num_kv_heads": kv_heads, "head_dim": dim,
+                "dtype": "bfloat16"}
+        static, listed = kjit.default_engine().get(spec), kjit.default_engine().get({**spec, "work_list": True})
+        work_list = kjit.plan_prefill_work(listed, indptr, indptr, device="cuda")
+        d_indptr = indptr.cuda()
+        outputs = []
+        for kernel, extra in ((static, []), (listed, [work_list])):
+            out = torch.full_like(q, float("nan"))
+            lse = torch.full(q.shape[:2], float("nan"), device="cuda")
+            kernel(q, k, v, d_indptr, d_indptr, out, lse, *extra, len(lengths), max(lengths), scale)
+            outputs.append((out, lse))
+        torch.cuda.synchronize()
+        self.assertTrue(torch.equal(outputs[0][0], outputs[1][0]))  # the same tiles in the same order per item
+        self.assertTrue(torch.equal(outputs[0][1], outputs[1][1]))
+        out = outputs[1][0]
+        for b, n in enumerate(lengths):
+            if n == 0:
+                continue
+            rows = slice(int(indptr[b]), int(indptr[b + 1]))
+            query = q[rows].float().transpose(0, 1)
+            keys = k[rows].float().repeat_interleave(heads // kv_heads, 1).transpose(0, 1)
+            values = v[rows].float().repeat_interleave(heads // kv_heads, 1).transpose(0, 1)
+            expected = torch.nn.functional.scaled_dot_product_attention(query, keys, values, is_causal=True, scale=scale)
+            error = (out[rows].float().transpose(0, 1) - expected).norm() / expected.norm()
+            self.assertLess(error.item(), 1e-2, f"request {b} (length {n})")
+        with self.assertRaises(kjit.ArgumentError):  # a spec without "work_list"
+            kjit.plan_prefill_work(static, indptr, indptr)
 
 
 if __name__ == "__main__":
