@@ -632,16 +632,26 @@ struct PrefillCase {
   }
 };
 
+// The CSR arrays of ragged requests of (qo_len, kv_len), and the longest request's queries.
+struct RaggedIndptrs {
+  std::vector<std::int32_t> qo{0}, kv{0};
+  std::int64_t max_qo = 0;
+  explicit RaggedIndptrs(const std::vector<std::pair<std::int64_t, std::int64_t>>& lengths) {
+    for (auto [qo_len, kv_len] : lengths) {
+      qo.push_back(static_cast<std::int32_t>(qo.back() + qo_len));
+      kv.push_back(static_cast<std::int32_t>(kv.back() + kv_len));
+      max_qo = std::max(max_qo, qo_len);
+    }
+  }
+};
+
 // Ragged requests of (qo_len, kv_len) against float64 attention; outputs poisoned first.
 void run_prefill_case(const PrefillCase& c, const std::vector<std::pair<std::int64_t, std::int64_t>>& lengths, std::mt19937_64& rng) {
   const Half16 h{c.bf16};
-  std::vector<std::int32_t> qo_indptr{0}, kv_indptr{0};
-  std::int64_t max_qo = 0;
-  for (auto [qo, kv] : lengths) {
-    qo_indptr.push_back(static_cast<std::int32_t>(qo_indptr.back() + qo));
-    kv_indptr.push_back(static_cast<std::int32_t>(kv_indptr.back() + kv));
-    max_qo = std::max(max_qo, qo);
-  }
+  const RaggedIndptrs indptrs(lengths);
+  const std::vector<std::int32_t>& qo_indptr = indptrs.qo;
+  const std::vector<std::int32_t>& kv_indptr = indptrs.kv;
+  const std::int64_t max_qo = indptrs.max_qo;
   const std::int64_t total_q = qo_indptr.back(), total_kv = kv_indptr.back();
   std::normal_distribution<float> normal;
   std::vector<std::uint16_t> q(static_cast<std::size_t>(total_q * c.qo_heads * c.head_dim)), k(static_cast<std::size_t>(total_kv * c.kv_heads * c.head_dim)), v(k.size());
@@ -804,29 +814,25 @@ TEST_CASE("batch prefill matches float64 attention on ragged requests", "[gpu][a
       c.extra = ws;
       run_prefill_case(c, lengths, rng);
     }
-    PrefillCase one_head{8, 2, 128};
-    one_head.extra = ws + R"(, "pack_gqa": false)";
-    run_prefill_case(one_head, lengths, rng);
-    run_prefill_case({32, 8, 128, true, true, 0, 0, true, 0, "NHD", false, ws}, {{1000, 1000}, {1, 3000}, {700, 2000}}, rng);
     // Blocks walking the host plan's work list (plan_prefill_work): ragged and paged, with a
-    // sliding window, one head per item, and the long requests.
-    {
-      const std::string listed = ws + R"(, "work_list": true)";
-      std::vector<PrefillCase> planned{{8, 2, 128}, {8, 2, 64, false}, {8, 2, 128, true, true, 0, 50}};
-      PrefillCase paged_case{8, 2, 128};
-      paged_case.page_size = 16;
-      planned.push_back(paged_case);
-      paged_case.page_size = 64;
-      paged_case.layout = "HND";
-      planned.push_back(paged_case);
-      for (auto c : planned) {
-        c.extra = listed;
-        run_prefill_case(c, lengths, rng);
-      }
+    // sliding window; then rows of one head and the long requests in either order.
+    const std::string listed = ws + R"(, "work_list": true)";
+    std::vector<PrefillCase> planned{{8, 2, 128}, {8, 2, 64, false}, {8, 2, 128, true, true, 0, 50}};
+    PrefillCase paged_case{8, 2, 128};
+    paged_case.page_size = 16;
+    planned.push_back(paged_case);
+    paged_case.page_size = 64;
+    paged_case.layout = "HND";
+    planned.push_back(paged_case);
+    for (auto c : planned) {
+      c.extra = listed;
+      run_prefill_case(c, lengths, rng);
+    }
+    for (const std::string& order : {ws, listed}) {
       PrefillCase one_head{8, 2, 128};
-      one_head.extra = listed + R"(, "pack_gqa": false)";
+      one_head.extra = order + R"(, "pack_gqa": false)";
       run_prefill_case(one_head, lengths, rng);
-      run_prefill_case({32, 8, 128, true, true, 0, 0, true, 0, "NHD", false, listed}, {{1000, 1000}, {1, 3000}, {700, 2000}}, rng);
+      run_prefill_case({32, 8, 128, true, true, 0, 0, true, 0, "NHD", false, order}, {{1000, 1000}, {1, 3000}, {700, 2000}}, rng);
     }
     for (bool paged : {false, true}) {
       PrefillCase fallback{8, 2, 128};
@@ -883,13 +889,10 @@ TEST_CASE("prefill work lists give the static order's bits", "[gpu][attention][p
   for (const std::string extra : {"", R"(, "pack_gqa": false)"})
     for (const auto& lengths : {equal, ragged}) {
       if (!extra.empty() && lengths.size() == equal.size()) continue;
-      std::vector<std::int32_t> qo_indptr{0}, kv_indptr{0};
-      std::int64_t max_qo = 0;
-      for (auto [qo, kv] : lengths) {
-        qo_indptr.push_back(static_cast<std::int32_t>(qo_indptr.back() + qo));
-        kv_indptr.push_back(static_cast<std::int32_t>(kv_indptr.back() + kv));
-        max_qo = std::max(max_qo, qo);
-      }
+      const RaggedIndptrs indptrs(lengths);
+      const std::vector<std::int32_t>& qo_indptr = indptrs.qo;
+      const std::vector<std::int32_t>& kv_indptr = indptrs.kv;
+      const std::int64_t max_qo = indptrs.max_qo;
       std::vector<std::uint16_t> q(static_cast<std::size_t>(qo_indptr.back()) * 32 * 128),
           k(static_cast<std::size_t>(kv_indptr.back()) * 8 * 128), v(k.size());
       for (auto* x : {&q, &k, &v})
