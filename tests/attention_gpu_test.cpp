@@ -882,25 +882,34 @@ TEST_CASE("batch prefill matches float64 attention on ragged requests", "[gpu][a
 TEST_CASE("prefill work lists give the static order's bits", "[gpu][attention][prefill]") {
   std::mt19937_64 rng(11);
   std::normal_distribution<float> normal;
-  const std::string base = R"({"op": "batch_prefill", "num_qo_heads": 32, "num_kv_heads": 8, "head_dim": 128, "dtype": "bfloat16", "short_form_max_qo_len": 0)";
+  auto base = [](int qo_heads, int kv_heads) {
+    return fmt::format(R"({{"op": "batch_prefill", "num_qo_heads": {}, "num_kv_heads": {}, "head_dim": 128, "dtype": "bfloat16", "short_form_max_qo_len": 0)",
+                       qo_heads, kv_heads);
+  };
   const std::vector<std::pair<std::int64_t, std::int64_t>> equal(8, {1024, 1024});
   const std::vector<std::pair<std::int64_t, std::int64_t>> ragged = {{1, 1},     {17, 17},  {0, 5},     {5, 0},     {130, 300},
                                                                      {200, 200}, {3, 257},  {1000, 1000}, {1, 3000}, {700, 2000}};
-  for (const std::string extra : {"", R"(, "pack_gqa": false)"})
+  // Groups of 4, of 5 (128-row items split a query's heads), and one head per item.
+  struct Heads {
+    int qo, kv;
+    const char* extra;
+  };
+  for (const Heads heads : {Heads{32, 8, ""}, Heads{10, 2, ""}, Heads{32, 8, R"(, "pack_gqa": false)"}})
     for (const auto& lengths : {equal, ragged}) {
-      if (!extra.empty() && lengths.size() == equal.size()) continue;
+      if ((heads.qo != 32 || *heads.extra != '\0') && lengths.size() == equal.size()) continue;  // 8 x 1024: the default only
+      const std::string spec = base(heads.qo, heads.kv) + heads.extra;
       const RaggedIndptrs indptrs(lengths);
       const std::vector<std::int32_t>& qo_indptr = indptrs.qo;
       const std::vector<std::int32_t>& kv_indptr = indptrs.kv;
       const std::int64_t max_qo = indptrs.max_qo;
-      std::vector<std::uint16_t> q(static_cast<std::size_t>(qo_indptr.back()) * 32 * 128),
-          k(static_cast<std::size_t>(kv_indptr.back()) * 8 * 128), v(k.size());
+      std::vector<std::uint16_t> q(static_cast<std::size_t>(qo_indptr.back() * heads.qo) * 128),
+          k(static_cast<std::size_t>(kv_indptr.back() * heads.kv) * 128), v(k.size());
       for (auto* x : {&q, &k, &v})
         for (auto& e : *x) e = float_to_bf16(normal(rng));
       DeviceMemory dq = to_device(q), dk = to_device(k), dv = to_device(v), dqi = to_device(qo_indptr), dki = to_device(kv_indptr);
       std::vector<std::vector<std::uint8_t>> outputs, lses;
       for (bool listed : {false, true}) {
-        kjit::Kernel prefill = engine().get(base + extra + (listed ? R"(, "work_list": true})" : "}"));
+        kjit::Kernel prefill = engine().get(spec + (listed ? R"(, "work_list": true})" : "}"));
         DeviceMemory out(std::max<std::size_t>(q.size() * 2, 2)), lse(std::max<std::size_t>(q.size() / 128 * 4, 4));
         out.fill(0xff);
         lse.fill(0xff);
@@ -916,7 +925,7 @@ TEST_CASE("prefill work lists give the static order's bits", "[gpu][attention][p
         outputs.push_back(out.download_as<std::uint8_t>());
         lses.push_back(lse.download_as<std::uint8_t>());
       }
-      INFO("requests " << lengths.size() << extra);
+      INFO(spec << ", requests " << lengths.size());
       CHECK(outputs[0] == outputs[1]);
       CHECK(lses[0] == lses[1]);
       std::size_t unwritten = 0;  // the poison, a NaN no output element is
