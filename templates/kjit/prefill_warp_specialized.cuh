@@ -415,7 +415,7 @@ struct WarpSpecializedPrefill {
     const int g = lane / 4, t = lane % 4;
     // wgmma operands (BatchPrefill's layout): Q K-major, this warpgroup's rows 64 on; K
     // tiles K-major; V tiles MN-major, the next 64 dims kKeys * 128 bytes on.
-    const unsigned long long q_descriptor = wgmma::descriptor(q_tile, 16, 1024) + consumer * 64 * 128 / 16;
+    const unsigned long long q_descriptor = wgmma::advance(wgmma::descriptor(q_tile, 16, 1024), consumer * 64 * 128);
     const unsigned long long k_descriptor = wgmma::descriptor(k_tiles, 16, 1024);
     const unsigned long long v_descriptor = wgmma::descriptor(v_tiles, kKeys * 128, 1024);
     const float scale = kSoftCap ? sm_scale / soft_cap : sm_scale * kLog2e;
@@ -451,12 +451,12 @@ struct WarpSpecializedPrefill {
       }
 
       auto issue_scores = [&](float (&s)[kKeys / 8][4], int stage) {
+        const unsigned long long k_tile = wgmma::advance(k_descriptor, stage * kTileElements * 2);
         wgmma::fence();
 #pragma unroll
         for (int kk = 0; kk < kHeadDim / 16; ++kk)
-          wgmma::mma_shared<T, kKeys>(s, q_descriptor + ((kk / 4) * kRows * 128 + (kk % 4) * 32) / 16,
-                                      k_descriptor + (stage * kTileElements * 2 + (kk / 4) * kKeys * 128 + (kk % 4) * 32) / 16,
-                                      kk > 0);
+          wgmma::mma_shared<T, kKeys>(s, wgmma::advance(q_descriptor, (kk / 4) * kRows * 128 + (kk % 4) * 32),
+                                      wgmma::advance(k_tile, (kk / 4) * kKeys * 128 + (kk % 4) * 32), kk > 0);
         wgmma::commit();
       };
       float o_acc[kHeadDim / 8][4];
@@ -464,7 +464,7 @@ struct WarpSpecializedPrefill {
       for (int i = 0; i < kHeadDim / 8; ++i) o_acc[i][0] = o_acc[i][1] = o_acc[i][2] = o_acc[i][3] = 0.f;
       unsigned p[kKeys / 16][4];  // probabilities of the tile whose P V is next, as A fragments
       auto issue_accumulate = [&](int stage) {
-        wgmma::accumulate_probabilities<T, kHeadDim>(o_acc, p, v_descriptor + stage * kTileElements * 2 / 16);
+        wgmma::accumulate_probabilities<T, kHeadDim>(o_acc, p, wgmma::advance(v_descriptor, stage * kTileElements * 2));
       };
 
       float m[2] = {kNegInf, kNegInf}, l[2] = {0.f, 0.f};
