@@ -232,6 +232,17 @@ TEST_CASE("prefill work lists give every item to one block, balanced by tiles", 
   check_list(kjit::plan_prefill_work(paged, paged_qo, pages, last, 11), paged_qo, {32, 0, 35}, 11);
   CHECK_THROWS_AS(kjit::plan_prefill_work(paged, paged_qo, pages, bad_last, 11), kjit::ArgumentError);  // past the page
   CHECK_THROWS_AS(kjit::plan_prefill_work(paged, short_qo, pages, last, 11), kjit::ArgumentError);      // batch sizes differ
+  // Other item shapes, as the family plans them: one head per item (128 queries), and a
+  // group of 5 packed (128 (query, head) rows an item: ceil(5 x queries / 128) items with
+  // rows per KV head and request).
+  auto item_count = [](const std::vector<std::int32_t>& list) { return list[static_cast<std::size_t>(list[0] + 1)]; };
+  const std::vector<std::int32_t> odd_qo{0, 300, 301, 301, 556}, odd_kv{0, 300, 1000, 1000, 1255};
+  const kjit::KernelInfo one_head = engine.build(spec + R"(, "pack_gqa": false})", "sm_90a").info;
+  CHECK(item_count(kjit::plan_prefill_work(one_head, odd_qo, odd_kv, {}, 132)) == 32 * (3 + 1 + 0 + 2));
+  const kjit::KernelInfo five = engine.build(
+      R"({"op": "batch_prefill", "num_qo_heads": 40, "num_kv_heads": 8, "head_dim": 128, "dtype": "bfloat16", "work_list": true})",
+      "sm_90a").info;
+  CHECK(item_count(kjit::plan_prefill_work(five, odd_qo, odd_kv, {}, 132)) == 8 * (12 + 1 + 0 + 10));
   // Only for specs that take the list.
   const kjit::KernelInfo unlisted =
       engine.build(R"({"op": "batch_prefill", "num_qo_heads": 32, "num_kv_heads": 8, "head_dim": 128, "dtype": "bfloat16"})", "sm_90a").info;

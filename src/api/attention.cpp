@@ -173,13 +173,14 @@ std::vector<std::int32_t> plan_prefill_work(const KernelInfo& prefill, std::span
   const std::int64_t qo_heads = spec["num_qo_heads"], kv_heads = spec["num_kv_heads"], head_dim = spec["head_dim"];
   const bool causal = spec["causal"], paged = spec.value("paged", false);
   const std::int64_t window = spec.value("sliding_window", std::int64_t{0}), page_size = spec.value("page_size", std::int64_t{0});
-  const std::int64_t group = qo_heads / kv_heads;
-  const bool pack = spec.value("pack_gqa", group <= 64);
-  // The kernel's geometry (prefill_warp_specialized.cuh): items of 128 rows, (query, head)
-  // pairs when packed; K/V tiles of 128 keys.
-  constexpr std::int64_t kRows = 128, kKeys = 128;
-  const std::int64_t head_blocks = pack ? kv_heads : qo_heads, rows_per_query = pack ? group : 1;
-  const std::int64_t queries_per_tile = pack ? kRows / group : kRows;
+  // The kernel's items as its family planned them (the template asserts the same numbers):
+  // rows of (query, head) pairs when packed, K/V tiles, and the launch's grid of (head
+  // block, request, row tile).
+  const families::KernelPlan plan = families::plan_spec(spec::parse_spec(prefill.spec));
+  const nlohmann::json& form = plan.template_params["forms"].back();  // the launch's own (a short form comes first)
+  const std::int64_t rows_per_item = form["rows"], keys_per_tile = form["keys_per_tile"];
+  const std::int64_t rows_per_query = plan.template_params["pack_gqa"].get<bool>() ? qo_heads / kv_heads : 1;
+  const std::int64_t head_blocks = plan.launch.grid[0].constant, queries_per_tile = plan.launch.grid[2].divisor;
 
   if (qo_indptr.empty() || kv_indptr.size() != qo_indptr.size())
     throw ArgumentError(fmt::format("plan_prefill_work: qo_indptr has {} entries, kv_indptr {}; expected batch_size + 1 each",
@@ -226,13 +227,14 @@ std::vector<std::int32_t> plan_prefill_work(const KernelInfo& prefill, std::span
     for (std::int64_t tile = row_tiles - 1; tile >= 0; --tile)
       for (std::int64_t b = first; b < std::min(batch, first + per_group); ++b) {
         const auto i = static_cast<std::size_t>(b);
-        const std::int64_t rows = qo_len[i] * rows_per_query, row0 = tile * kRows;
+        const std::int64_t rows = qo_len[i] * rows_per_query, row0 = tile * rows_per_item;
         if (row0 >= rows) continue;  // the kernel skips it
         const std::int64_t shift = kv_len[i] - qo_len[i];
-        const std::int64_t first_query = row0 / rows_per_query, last_query = (std::min(row0 + kRows, rows) - 1) / rows_per_query;
+        const std::int64_t first_query = row0 / rows_per_query, last_query = (std::min(row0 + rows_per_item, rows) - 1) / rows_per_query;
         const std::int64_t key_end = causal ? std::max<std::int64_t>(0, std::min(kv_len[i], last_query + shift + 1)) : kv_len[i];
         const std::int64_t key_begin = window > 0 ? std::max<std::int64_t>(0, first_query + shift - window + 1) : 0;
-        const std::int64_t tiles = std::max<std::int64_t>(0, (key_end + kKeys - 1) / kKeys - key_begin / kKeys);
+        const std::int64_t tiles =
+            std::max<std::int64_t>(0, (key_end + keys_per_tile - 1) / keys_per_tile - key_begin / keys_per_tile);
         for (std::int64_t head_block = 0; head_block < head_blocks; ++head_block)
           group_items.push_back({kItemCost + static_cast<double>(tiles),
                                  static_cast<std::int32_t>((tile * batch + b) * head_blocks + head_block)});
