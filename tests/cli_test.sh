@@ -47,6 +47,10 @@ expect 0 'miss, compiled'               -- "$kjit" compile --arch sm_90a "$spec"
 expect 0 'hit \(disk\)'                 -- "$kjit" compile --arch sm_90a "$spec"
 expect 0 'registers  [0-9]+  spill stores 0 bytes  stack 0 bytes' -- "$kjit" compile --arch sm_90a "$spec"
 expect 2 'not an sm_XY'                 -- "$kjit" compile --arch volta "$spec"
+expect 0 'cubin      .*/k.cubin'         -- "$kjit" compile --arch sm_90a --cubin "$work/k.cubin" "$spec"
+if [[ $(head -c 4 "$work/k.cubin" | od -An -c | tr -d ' ') == '177ELF' ]]; then passes=$((passes + 1)); else
+  echo "FAIL: --cubin did not write an ELF file"; failures=$((failures + 1)); fi
+expect 1 'cubin /nonexistent/k.cubin: cannot create' -- "$kjit" compile --arch sm_90a --cubin /nonexistent/k.cubin "$spec"
 if [[ $has_gpu == 0 ]]; then
   expect 1 'pass --arch'                -- "$kjit" compile "$spec"
   expect 1 'libcuda|GPU'                -- "$kjit" bench "$spec" --shape batch_size=8

@@ -85,7 +85,7 @@ int cmd_doctor() {
   return problems ? 1 : 0;
 }
 
-int cmd_compile(const std::string& spec, const std::string& arch, const EngineOptions& options) {
+int cmd_compile(const std::string& spec, const std::string& arch, const std::string& cubin_path, const EngineOptions& options) {
   Engine engine(options);
   if (arch.empty() && options.arch.empty()) {
     std::string why;
@@ -104,6 +104,11 @@ int cmd_compile(const std::string& spec, const std::string& arch, const EngineOp
              a.info.stack_bytes, human_bytes(static_cast<double>(a.info.cubin_bytes)));
   if (!a.info.performance_warnings.empty()) fmt::print("ptxas      {}\n", a.info.performance_warnings);
   fmt::print("cache      {}\n", engine.cache_dir().empty() ? "(off)" : engine.cache_dir());
+  if (!cubin_path.empty()) {  // for cuobjdump / nvdisasm (tools/sass-loops)
+    if (std::string why = cache::write_file_atomically(cubin_path, a.cubin); !why.empty())
+      throw CacheError(fmt::format("--cubin {}: {}", cubin_path, why));
+    fmt::print("cubin      {}\n", cubin_path);
+  }
   return 0;
 }
 
@@ -321,6 +326,8 @@ int main(int argc, char** argv) {
   auto* compile = app.add_subcommand("compile", "compile a spec into the cache; print key, hit/miss, time, registers");
   compile->add_option("spec", spec, "spec: inline JSON or a file")->required();
   compile->add_option("--arch", arch, "target, e.g. sm_80, sm_89, sm_90a, sm_100a (default: this GPU)");
+  std::string cubin_path;
+  compile->add_option("--cubin", cubin_path, "also write the cubin to this file");
   engine_flags(compile);
 
   std::string config, out, arch_list;
@@ -390,7 +397,7 @@ int main(int argc, char** argv) {
       fmt::print("{}", engine.render(read_spec(spec)));
       return 0;
     }
-    if (compile->parsed()) return cmd_compile(spec, arch, options);
+    if (compile->parsed()) return cmd_compile(spec, arch, cubin_path, options);
     if (pregen->parsed()) return cmd_pregen(config, arch_list, out, jobs, options);
     if (cache->parsed()) {
       std::uint64_t limit = 0;
