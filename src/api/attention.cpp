@@ -203,10 +203,11 @@ std::vector<std::int32_t> plan_prefill_work(const KernelInfo& prefill, std::span
   if (num_sms <= 0) num_sms = runtime::multiprocessor_count(runtime::current_device());
   const std::int64_t blocks = std::min<std::int64_t>(items, num_sms);  // the launch's persistent grid
 
-  // The kernel's groups of requests whose K/V fit 16 MB of L2 at the batch's mean length.
+  // The kernel's groups of requests whose K/V fit l2_group_bytes of L2 at the batch's mean length.
   const std::int64_t keys = static_cast<std::int64_t>(kv_indptr.back()) * (paged ? page_size : 1);
   const std::int64_t request_bytes = std::max<std::int64_t>(1, keys / std::max<std::int64_t>(batch, 1) * kv_heads * head_dim * 2 * 2);
-  const std::int64_t per_group = batch <= 1 ? 1 : std::min(batch, std::max<std::int64_t>(1, (16ll << 20) / request_bytes));
+  const std::int64_t group_bytes = plan.template_params["l2_group_bytes"];
+  const std::int64_t per_group = batch <= 1 ? 1 : std::min(batch, std::max<std::int64_t>(1, group_bytes / request_bytes));
 
   // An item's cost in tenths of a tile: its K/V tiles plus its start and end (~2.3 us
   // against 1.73 us a tile for causal 8 x 1024 on an H200).

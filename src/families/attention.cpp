@@ -260,6 +260,9 @@ class AttentionFamily final : public Family {
     plan.template_params.update({{"causal", causal}, {"paged", paged}, {"page_size", page_size}, {"kv_layout", layout},
                                  {"combined", combined}, {"pack_gqa", pack_gqa}, {"warpgroup_mma", warpgroup_mma},
                                  {"warp_specialized", warp_specialized}, {"work_list", work_list}});
+    // Warp-specialized: requests are taken in groups whose K/V fit this much L2 (the kernel's
+    // ItemOrder, where the choice is measured; plan_prefill_work reads it from here too).
+    plan.template_params["l2_group_bytes"] = std::int64_t{16} << 20;
     // One entry point per form: its template parameters and its launch. 64 query rows per MMA
     // warpgroup; K/V tiles double-buffered (Q, 2 K and 2 V tiles, 1 KB to align them);
     // warp-specialized: two MMA warpgroups, a copying one, 128-key tiles and 256 bytes of

@@ -31,7 +31,8 @@
 namespace kjit::attention {
 
 template <typename T, int kHeadDim, int kQoHeads, int kKvHeads, bool kCausal, bool kSoftCap, int kWindow, bool kLse,
-          typename KvSource, bool kPackGqa, int kStages_ = 2, bool kTensorMaps = false, bool kWorkList = false>
+          typename KvSource, bool kPackGqa, int kStages_ = 2, bool kTensorMaps = false, bool kWorkList = false,
+          long long kGroupCacheBytes = 16ll << 20>
 struct WarpSpecializedPrefill {
   using Kv = KvSource;
   static constexpr int kConsumers = 2;                 // warpgroups of 64 query rows
@@ -134,14 +135,14 @@ struct WarpSpecializedPrefill {
   static constexpr int kHeadBlocks = kPackGqa ? kKvHeads : kQoHeads;
   static constexpr int kQueriesPerTile = kPackGqa ? kRows / kGroup : kRows;  // the plan's grid z divisor
   // The order of the work items (head block, request, row tile): requests in groups whose
-  // K/V, at the batch's mean length, fit kGroupCacheBytes of L2; within a group heads
+  // K/V, at the batch's mean length, fit kGroupCacheBytes of L2 (the family's
+  // l2_group_bytes, which plan_prefill_work reads too); within a group heads
   // fastest, then requests, then row tiles from the last (every request's longest causal
   // tiles first, which balances the blocks); then the next group. All requests as one group
   // (16 requests of 256 queries over 4096 keys: 128 caches streamed at once, past L2) took
   // 741 us on an H100, these groups (here one request each) 497; one request at a time for
   // every batch also lost causal 8 x 1024 (334 -> 312 TFLOP/s: the longest tiles no longer
   // first across requests), which stays one group.
-  static constexpr long long kGroupCacheBytes = 16ll << 20;
   struct ItemOrder {
     int batch, row_tiles, group;  // requests per group
     __device__ __forceinline__ ItemOrder(int batch_, int row_tiles_, const int* kv_indptr)
