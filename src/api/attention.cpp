@@ -165,16 +165,16 @@ void BatchDecode::run(const DecodePlan& plan, const DecodeBuffers& b, double sm_
 std::vector<std::int32_t> plan_prefill_work(const KernelInfo& prefill, std::span<const std::int32_t> qo_indptr,
                                             std::span<const std::int32_t> kv_indptr,
                                             std::span<const std::int32_t> kv_last_page_len, int num_sms) {
-  const auto spec = nlohmann::json::parse(prefill.spec);
-  if (prefill.op != "batch_prefill" || !spec.value("work_list", false))
-    throw ArgumentError(fmt::format("plan_prefill_work needs a batch_prefill spec with \"work_list\": true, got {}", prefill.spec));
-  const std::int64_t qo_heads = spec["num_qo_heads"], kv_heads = spec["num_kv_heads"], head_dim = spec["head_dim"];
-  const bool causal = spec["causal"], paged = spec.value("paged", false);
-  const std::int64_t window = spec.value("sliding_window", std::int64_t{0}), page_size = spec.value("page_size", std::int64_t{0});
   // The kernel's items as its family planned them (the template asserts the same numbers):
   // rows of (query, head) pairs when packed, K/V tiles, and the launch's grid of (head
   // block, request, row tile).
   const families::KernelPlan plan = families::plan_spec(spec::parse_spec(prefill.spec));
+  const nlohmann::json& spec = plan.spec;
+  if (plan.op != "batch_prefill" || !spec.value("work_list", false))
+    throw ArgumentError(fmt::format("plan_prefill_work needs a batch_prefill spec with \"work_list\": true, got {}", prefill.spec));
+  const std::int64_t qo_heads = spec["num_qo_heads"], kv_heads = spec["num_kv_heads"], head_dim = spec["head_dim"];
+  const bool causal = spec["causal"], paged = spec.value("paged", false);
+  const std::int64_t window = spec.value("sliding_window", std::int64_t{0}), page_size = spec.value("page_size", std::int64_t{0});
   const nlohmann::json& form = plan.template_params["forms"].back();  // the launch's own (a short form comes first)
   const std::int64_t rows_per_item = form["rows"], keys_per_tile = form["keys_per_tile"];
   const std::int64_t rows_per_query = plan.template_params["pack_gqa"].get<bool>() ? qo_heads / kv_heads : 1;
