@@ -247,4 +247,15 @@ TEST_CASE("prefill work lists give every item to one block, balanced by tiles", 
   const kjit::KernelInfo unlisted =
       engine.build(R"({"op": "batch_prefill", "num_qo_heads": 32, "num_kv_heads": 8, "head_dim": 128, "dtype": "bfloat16"})", "sm_90a").info;
   CHECK_THROWS_AS(kjit::plan_prefill_work(unlisted, qo, kv, {}, 132), kjit::ArgumentError);
+  CHECK_THROWS_AS(kjit::PrefillWorkPlanner(unlisted), kjit::ArgumentError);
+
+  // A planner built once gives each batch the one-shot function's list, in any order of use.
+  const kjit::PrefillWorkPlanner ragged_planner(ragged), paged_planner(paged), five_planner(five);
+  for (int round = 0; round < 2; ++round) {
+    CHECK(ragged_planner.plan(qo, kv, {}, 132) == kjit::plan_prefill_work(ragged, qo, kv, {}, 132));
+    CHECK(ragged_planner.plan(odd_qo, odd_kv, {}, 7) == kjit::plan_prefill_work(ragged, odd_qo, odd_kv, {}, 7));
+    CHECK(paged_planner.plan(paged_qo, pages, last, 11) == kjit::plan_prefill_work(paged, paged_qo, pages, last, 11));
+    CHECK(five_planner.plan(odd_qo, odd_kv, {}, 132) == kjit::plan_prefill_work(five, odd_qo, odd_kv, {}, 132));
+  }
+  CHECK_THROWS_AS(paged_planner.plan(paged_qo, pages, bad_last, 11), kjit::ArgumentError);
 }

@@ -90,6 +90,22 @@ std::vector<std::int32_t> plan_prefill_work(const KernelInfo& prefill, std::span
                                             std::span<const std::int32_t> kv_indptr,
                                             std::span<const std::int32_t> kv_last_page_len = {}, int num_sms = 0);
 
+// The same, with the kernel's geometry (items, tiles, L2 groups) read from its spec once:
+// a server that plans every step builds one per kernel and calls plan() (the function
+// above re-reads the spec: 75 against 52 us for 8192 queries on the CI machine).
+class PrefillWorkPlanner {
+ public:
+  explicit PrefillWorkPlanner(const KernelInfo& prefill);
+  std::vector<std::int32_t> plan(std::span<const std::int32_t> qo_indptr, std::span<const std::int32_t> kv_indptr,
+                                 std::span<const std::int32_t> kv_last_page_len = {}, int num_sms = 0) const;
+
+ private:
+  std::int64_t kv_heads_ = 0, head_dim_ = 0, window_ = 0, page_size_ = 0;
+  std::int64_t rows_per_item_ = 0, keys_per_tile_ = 0, rows_per_query_ = 1, head_blocks_ = 0, queries_per_tile_ = 0;
+  std::int64_t l2_group_bytes_ = 0;
+  bool causal_ = true, paged_ = false;
+};
+
 }  // namespace kjit
 
 #pragma GCC visibility pop

@@ -162,9 +162,7 @@ void BatchDecode::run(const DecodePlan& plan, const DecodeBuffers& b, double sm_
   }
 }
 
-std::vector<std::int32_t> plan_prefill_work(const KernelInfo& prefill, std::span<const std::int32_t> qo_indptr,
-                                            std::span<const std::int32_t> kv_indptr,
-                                            std::span<const std::int32_t> kv_last_page_len, int num_sms) {
+PrefillWorkPlanner::PrefillWorkPlanner(const KernelInfo& prefill) {
   // The kernel's items as its family planned them (the template asserts the same numbers):
   // rows of (query, head) pairs when packed, K/V tiles, and the launch's grid of (head
   // block, request, row tile).
@@ -172,19 +170,36 @@ std::vector<std::int32_t> plan_prefill_work(const KernelInfo& prefill, std::span
   const nlohmann::json& spec = plan.spec;
   if (plan.op != "batch_prefill" || !spec.value("work_list", false))
     throw ArgumentError(fmt::format("plan_prefill_work needs a batch_prefill spec with \"work_list\": true, got {}", prefill.spec));
-  const std::int64_t qo_heads = spec["num_qo_heads"], kv_heads = spec["num_kv_heads"], head_dim = spec["head_dim"];
-  const bool causal = spec["causal"], paged = spec.value("paged", false);
-  const std::int64_t window = spec.value("sliding_window", std::int64_t{0}), page_size = spec.value("page_size", std::int64_t{0});
+  const std::int64_t qo_heads = spec["num_qo_heads"];
+  kv_heads_ = spec["num_kv_heads"];
+  head_dim_ = spec["head_dim"];
+  causal_ = spec["causal"];
+  paged_ = spec.value("paged", false);
+  window_ = spec.value("sliding_window", std::int64_t{0});
+  page_size_ = spec.value("page_size", std::int64_t{0});
   const nlohmann::json& form = plan.template_params["forms"].back();  // the launch's own (a short form comes first)
-  const std::int64_t rows_per_item = form["rows"], keys_per_tile = form["keys_per_tile"];
-  const std::int64_t rows_per_query = plan.template_params["pack_gqa"].get<bool>() ? qo_heads / kv_heads : 1;
-  const std::int64_t head_blocks = plan.launch.grid[0].constant, queries_per_tile = plan.launch.grid[2].divisor;
+  rows_per_item_ = form["rows"];
+  keys_per_tile_ = form["keys_per_tile"];
+  rows_per_query_ = plan.template_params["pack_gqa"].get<bool>() ? qo_heads / kv_heads_ : 1;
+  head_blocks_ = plan.launch.grid[0].constant;
+  queries_per_tile_ = plan.launch.grid[2].divisor;
+  l2_group_bytes_ = plan.template_params["l2_group_bytes"];
+}
 
+std::vector<std::int32_t> plan_prefill_work(const KernelInfo& prefill, std::span<const std::int32_t> qo_indptr,
+                                            std::span<const std::int32_t> kv_indptr,
+                                            std::span<const std::int32_t> kv_last_page_len, int num_sms) {
+  return PrefillWorkPlanner(prefill).plan(qo_indptr, kv_indptr, kv_last_page_len, num_sms);
+}
+
+std::vector<std::int32_t> PrefillWorkPlanner::plan(std::span<const std::int32_t> qo_indptr,
+                                                   std::span<const std::int32_t> kv_indptr,
+                                                   std::span<const std::int32_t> kv_last_page_len, int num_sms) const {
   if (qo_indptr.empty() || kv_indptr.size() != qo_indptr.size())
     throw ArgumentError(fmt::format("plan_prefill_work: qo_indptr has {} entries, kv_indptr {}; expected batch_size + 1 each",
                                     qo_indptr.size(), kv_indptr.size()));
   const auto batch = static_cast<std::int64_t>(qo_indptr.size()) - 1;
-  if (paged && kv_last_page_len.size() != static_cast<std::size_t>(batch))
+  if (paged_ && kv_last_page_len.size() != static_cast<std::size_t>(batch))
     throw ArgumentError(fmt::format("plan_prefill_work: kv_last_page_len has {} entries, expected {}", kv_last_page_len.size(), batch));
   std::vector<std::int64_t> qo_len(static_cast<std::size_t>(batch)), kv_len(static_cast<std::size_t>(batch));
   std::int64_t max_qo_len = 0;
@@ -193,21 +208,20 @@ std::vector<std::int32_t> plan_prefill_work(const KernelInfo& prefill, std::span
     qo_len[i] = qo_indptr[i + 1] - qo_indptr[i];
     const std::int64_t kv = kv_indptr[i + 1] - kv_indptr[i];
     if (qo_len[i] < 0 || kv < 0) throw ArgumentError(fmt::format("plan_prefill_work: an indptr decreases at request {}", b));
-    if (paged && kv > 0 && (kv_last_page_len[i] < 1 || kv_last_page_len[i] > page_size))
-      throw ArgumentError(fmt::format("plan_prefill_work: kv_last_page_len[{}] = {} is outside 1..{}", b, kv_last_page_len[i], page_size));
-    kv_len[i] = paged ? (kv > 0 ? (kv - 1) * page_size + kv_last_page_len[i] : 0) : kv;
+    if (paged_ && kv > 0 && (kv_last_page_len[i] < 1 || kv_last_page_len[i] > page_size_))
+      throw ArgumentError(fmt::format("plan_prefill_work: kv_last_page_len[{}] = {} is outside 1..{}", b, kv_last_page_len[i], page_size_));
+    kv_len[i] = paged_ ? (kv > 0 ? (kv - 1) * page_size_ + kv_last_page_len[i] : 0) : kv;
     max_qo_len = std::max(max_qo_len, qo_len[i]);
   }
-  const std::int64_t row_tiles = (max_qo_len + queries_per_tile - 1) / queries_per_tile;
-  const std::int64_t items = head_blocks * batch * row_tiles;
+  const std::int64_t row_tiles = (max_qo_len + queries_per_tile_ - 1) / queries_per_tile_;
+  const std::int64_t items = head_blocks_ * batch * row_tiles;
   if (num_sms <= 0) num_sms = runtime::multiprocessor_count(runtime::current_device());
   const std::int64_t blocks = std::min<std::int64_t>(items, num_sms);  // the launch's persistent grid
 
   // The kernel's groups of requests whose K/V fit l2_group_bytes of L2 at the batch's mean length.
-  const std::int64_t keys = static_cast<std::int64_t>(kv_indptr.back()) * (paged ? page_size : 1);
-  const std::int64_t request_bytes = std::max<std::int64_t>(1, keys / std::max<std::int64_t>(batch, 1) * kv_heads * head_dim * 2 * 2);
-  const std::int64_t group_bytes = plan.template_params["l2_group_bytes"];
-  const std::int64_t per_group = batch <= 1 ? 1 : std::min(batch, std::max<std::int64_t>(1, group_bytes / request_bytes));
+  const std::int64_t keys = static_cast<std::int64_t>(kv_indptr.back()) * (paged_ ? page_size_ : 1);
+  const std::int64_t request_bytes = std::max<std::int64_t>(1, keys / std::max<std::int64_t>(batch, 1) * kv_heads_ * head_dim_ * 2 * 2);
+  const std::int64_t per_group = batch <= 1 ? 1 : std::min(batch, std::max<std::int64_t>(1, l2_group_bytes_ / request_bytes));
 
   // An item's cost in tenths of a tile: its K/V tiles plus its start and end (~2.3 us
   // against 1.73 us a tile for causal 8 x 1024 on an H200).
@@ -246,19 +260,19 @@ std::vector<std::int32_t> plan_prefill_work(const KernelInfo& prefill, std::span
     for (std::int64_t tile = row_tiles - 1; tile >= 0; --tile)
       for (std::int64_t b = first; b < std::min(batch, first + per_group); ++b) {
         const auto i = static_cast<std::size_t>(b);
-        const std::int64_t rows = qo_len[i] * rows_per_query, row0 = tile * rows_per_item;
+        const std::int64_t rows = qo_len[i] * rows_per_query_, row0 = tile * rows_per_item_;
         if (row0 >= rows) continue;  // the kernel skips it
         const std::int64_t shift = kv_len[i] - qo_len[i];
-        const std::int64_t first_query = row0 / rows_per_query, last_query = (std::min(row0 + rows_per_item, rows) - 1) / rows_per_query;
-        const std::int64_t key_end = causal ? std::max<std::int64_t>(0, std::min(kv_len[i], last_query + shift + 1)) : kv_len[i];
-        const std::int64_t key_begin = window > 0 ? std::max<std::int64_t>(0, first_query + shift - window + 1) : 0;
+        const std::int64_t first_query = row0 / rows_per_query_, last_query = (std::min(row0 + rows_per_item_, rows) - 1) / rows_per_query_;
+        const std::int64_t key_end = causal_ ? std::max<std::int64_t>(0, std::min(kv_len[i], last_query + shift + 1)) : kv_len[i];
+        const std::int64_t key_begin = window_ > 0 ? std::max<std::int64_t>(0, first_query + shift - window_ + 1) : 0;
         const std::int64_t tiles =
-            std::max<std::int64_t>(0, (key_end + keys_per_tile - 1) / keys_per_tile - key_begin / keys_per_tile);
-        group_tiles.push_back({tiles, static_cast<std::int32_t>((tile * batch + b) * head_blocks)});
+            std::max<std::int64_t>(0, (key_end + keys_per_tile_ - 1) / keys_per_tile_ - key_begin / keys_per_tile_);
+        group_tiles.push_back({tiles, static_cast<std::int32_t>((tile * batch + b) * head_blocks_)});
       }
     std::stable_sort(group_tiles.begin(), group_tiles.end(), [](const RowTile& x, const RowTile& y) { return x.tiles > y.tiles; });
     for (const RowTile& row_tile : group_tiles)
-      for (std::int64_t head_block = 0; head_block < head_blocks; ++head_block) {
+      for (std::int64_t head_block = 0; head_block < head_blocks_; ++head_block) {
         items_in_order.push_back(row_tile.first_id + static_cast<std::int32_t>(head_block));
         block_of.push_back(static_cast<std::int32_t>(least[0] & ((std::uint64_t{1} << kBlockBits) - 1)));
         add_to_least(kItemCost + kTenths * static_cast<std::uint64_t>(row_tile.tiles));

@@ -4,6 +4,8 @@
 
 #include <algorithm>
 #include <cstring>
+#include <memory>
+#include <mutex>
 #include <string>
 
 #include <nlohmann/json.hpp>
@@ -18,6 +20,9 @@ struct kjit_engine {
 struct kjit_kernel {
   kjit::Kernel kernel;
   std::string info_json;
+  // kjit_plan_prefill_work's planner, built on its first call (a server plans every step).
+  mutable std::mutex planner_mutex;
+  mutable std::unique_ptr<kjit::PrefillWorkPlanner> work_planner;
 };
 struct kjit_batch_decode {
   kjit::BatchDecode decode;
@@ -167,8 +172,13 @@ kjit_status kjit_plan_prefill_work(const kjit_kernel* prefill, const int32_t* qo
     const auto n = static_cast<std::size_t>(batch_size);
     std::span<const std::int32_t> last;
     if (kv_last_page_len) last = {kv_last_page_len, n};
-    const std::vector<std::int32_t> list =
-        kjit::plan_prefill_work(prefill->kernel.info(), {qo_indptr, n + 1}, {kv_indptr, n + 1}, last, num_sms);
+    const kjit::PrefillWorkPlanner* planner = nullptr;
+    {
+      const std::lock_guard<std::mutex> lock(prefill->planner_mutex);
+      if (!prefill->work_planner) prefill->work_planner = std::make_unique<kjit::PrefillWorkPlanner>(prefill->kernel.info());
+      planner = prefill->work_planner.get();
+    }
+    const std::vector<std::int32_t> list = planner->plan({qo_indptr, n + 1}, {kv_indptr, n + 1}, last, num_sms);
     const size_t capacity = *size;
     *size = list.size();
     if (!buffer) return;
