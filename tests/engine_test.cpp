@@ -1,6 +1,7 @@
 #include <catch2/catch.hpp>
 
 #include <map>
+#include <random>
 
 #include "api/kernel_state.hpp"
 #include "kjit/attention.hpp"
@@ -256,6 +257,26 @@ TEST_CASE("prefill work lists give every item to one block, balanced by tiles", 
     CHECK(ragged_planner.plan(odd_qo, odd_kv, {}, 7) == kjit::plan_prefill_work(ragged, odd_qo, odd_kv, {}, 7));
     CHECK(paged_planner.plan(paged_qo, pages, last, 11) == kjit::plan_prefill_work(paged, paged_qo, pages, last, 11));
     CHECK(five_planner.plan(odd_qo, odd_kv, {}, 132) == kjit::plan_prefill_work(five, odd_qo, odd_kv, {}, 132));
+  }
+  // The size without planning (what the C ABI answers a size query with).
+  CHECK(ragged_planner.list_size(qo, 132) == ragged_planner.plan(qo, kv, {}, 132).size());
+  CHECK(ragged_planner.list_size(odd_qo, 7) == ragged_planner.plan(odd_qo, odd_kv, {}, 7).size());
+  CHECK(ragged_planner.list_size(odd_qo, 132) == ragged_planner.plan(odd_qo, odd_kv, {}, 132).size());
+  CHECK(paged_planner.list_size(paged_qo, 11) == paged_planner.plan(paged_qo, pages, last, 11).size());
+  CHECK(five_planner.list_size(odd_qo, 132) == five_planner.plan(odd_qo, odd_kv, {}, 132).size());
+  CHECK(kjit::PrefillWorkPlanner(one_head).list_size(odd_qo, 132) == kjit::plan_prefill_work(one_head, odd_qo, odd_kv, {}, 132).size());
+  CHECK_THROWS_AS(ragged_planner.list_size(std::vector<std::int32_t>{0, 5, 3}, 132), kjit::ArgumentError);
+  std::mt19937 rng(5);
+  for (int trial = 0; trial < 50; ++trial) {  // random batches with empty requests and longer caches
+    std::vector<std::int32_t> random_qo{0}, random_kv{0};
+    for (std::uint32_t b = 0, n = 1 + rng() % 20; b < n; ++b) {
+      const std::int32_t queries = rng() % 3 == 0 ? 0 : static_cast<std::int32_t>(rng() % 700);
+      random_qo.push_back(random_qo.back() + queries);
+      random_kv.push_back(random_kv.back() + queries + static_cast<std::int32_t>(rng() % 300));
+    }
+    const int sms = 1 + static_cast<int>(rng() % 140);
+    CHECK(ragged_planner.list_size(random_qo, sms) == ragged_planner.plan(random_qo, random_kv, {}, sms).size());
+    CHECK(five_planner.list_size(random_qo, sms) == five_planner.plan(random_qo, random_kv, {}, sms).size());
   }
   CHECK_THROWS_AS(paged_planner.plan(paged_qo, pages, bad_last, 11), kjit::ArgumentError);
 }

@@ -98,8 +98,12 @@ class PrefillWorkPlanner {
   explicit PrefillWorkPlanner(const KernelInfo& prefill);
   std::vector<std::int32_t> plan(std::span<const std::int32_t> qo_indptr, std::span<const std::int32_t> kv_indptr,
                                  std::span<const std::int32_t> kv_last_page_len = {}, int num_sms = 0) const;
+  // plan(...).size() for these queries, without planning (the keys do not change it).
+  std::size_t list_size(std::span<const std::int32_t> qo_indptr, int num_sms = 0) const;
 
  private:
+  std::int64_t persistent_blocks(std::int64_t batch, std::int64_t max_qo_len, int num_sms) const;
+
   std::int64_t kv_heads_ = 0, head_dim_ = 0, window_ = 0, page_size_ = 0;
   std::int64_t rows_per_item_ = 0, keys_per_tile_ = 0, rows_per_query_ = 1, head_blocks_ = 0, queries_per_tile_ = 0;
   std::int64_t l2_group_bytes_ = 0;

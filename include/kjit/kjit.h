@@ -112,7 +112,9 @@ kjit_status kjit_batch_decode_run(const kjit_batch_decode* decode, const kjit_de
  * (kjit::plan_prefill_work): host copies of qo_indptr and kv_indptr (batch_size + 1 each)
  * and, paged, kv_last_page_len (batch_size; NULL otherwise); num_sms 0: the current
  * device's. Writes *size int32 values into buffer (the caller's); with buffer NULL or *size
- * too small, only *size (the count needed) is set, and the call fails in the latter case.
+ * too small, only *size (the count needed) is set, and the call fails in the latter case
+ * (with buffer NULL it is counted from qo_indptr without planning). The kernel handle keeps
+ * the spec's geometry from its first call (kjit::PrefillWorkPlanner).
  * Copy the list to the device and pass it as the kernel's work_list argument. */
 kjit_status kjit_plan_prefill_work(const kjit_kernel* prefill, const int32_t* qo_indptr, const int32_t* kv_indptr,
                                    const int32_t* kv_last_page_len, int64_t batch_size, int num_sms, int32_t* buffer,

@@ -192,6 +192,26 @@ std::vector<std::int32_t> plan_prefill_work(const KernelInfo& prefill, std::span
   return PrefillWorkPlanner(prefill).plan(qo_indptr, kv_indptr, kv_last_page_len, num_sms);
 }
 
+// The launch's persistent grid: one block per SM, or per item when there are fewer.
+std::int64_t PrefillWorkPlanner::persistent_blocks(std::int64_t batch, std::int64_t max_qo_len, int num_sms) const {
+  const std::int64_t row_tiles = (max_qo_len + queries_per_tile_ - 1) / queries_per_tile_;
+  if (num_sms <= 0) num_sms = runtime::multiprocessor_count(runtime::current_device());
+  return std::min<std::int64_t>(head_blocks_ * batch * row_tiles, num_sms);
+}
+
+std::size_t PrefillWorkPlanner::list_size(std::span<const std::int32_t> qo_indptr, int num_sms) const {
+  if (qo_indptr.empty()) throw ArgumentError("plan_prefill_work: qo_indptr is empty; expected batch_size + 1 entries");
+  const auto batch = static_cast<std::int64_t>(qo_indptr.size()) - 1;
+  std::int64_t max_qo_len = 0, listed = 0;  // items with rows (the kernel skips the others)
+  for (std::size_t i = 0; i + 1 < qo_indptr.size(); ++i) {
+    const std::int64_t qo_len = qo_indptr[i + 1] - qo_indptr[i];
+    if (qo_len < 0) throw ArgumentError(fmt::format("plan_prefill_work: an indptr decreases at request {}", i));
+    max_qo_len = std::max(max_qo_len, qo_len);
+    listed += head_blocks_ * ((qo_len * rows_per_query_ + rows_per_item_ - 1) / rows_per_item_);
+  }
+  return static_cast<std::size_t>(persistent_blocks(batch, max_qo_len, num_sms) + 2 + listed);
+}
+
 std::vector<std::int32_t> PrefillWorkPlanner::plan(std::span<const std::int32_t> qo_indptr,
                                                    std::span<const std::int32_t> kv_indptr,
                                                    std::span<const std::int32_t> kv_last_page_len, int num_sms) const {
@@ -215,8 +235,7 @@ std::vector<std::int32_t> PrefillWorkPlanner::plan(std::span<const std::int32_t>
   }
   const std::int64_t row_tiles = (max_qo_len + queries_per_tile_ - 1) / queries_per_tile_;
   const std::int64_t items = head_blocks_ * batch * row_tiles;
-  if (num_sms <= 0) num_sms = runtime::multiprocessor_count(runtime::current_device());
-  const std::int64_t blocks = std::min<std::int64_t>(items, num_sms);  // the launch's persistent grid
+  const std::int64_t blocks = persistent_blocks(batch, max_qo_len, num_sms);
 
   // The kernel's groups of requests whose K/V fit l2_group_bytes of L2 at the batch's mean length.
   const std::int64_t keys = static_cast<std::int64_t>(kv_indptr.back()) * (paged_ ? page_size_ : 1);

@@ -178,10 +178,13 @@ kjit_status kjit_plan_prefill_work(const kjit_kernel* prefill, const int32_t* qo
       if (!prefill->work_planner) prefill->work_planner = std::make_unique<kjit::PrefillWorkPlanner>(prefill->kernel.info());
       planner = prefill->work_planner.get();
     }
-    const std::vector<std::int32_t> list = planner->plan({qo_indptr, n + 1}, {kv_indptr, n + 1}, last, num_sms);
     const size_t capacity = *size;
+    if (!buffer) {  // the size alone, without planning (callers ask, then plan)
+      *size = planner->list_size({qo_indptr, n + 1}, num_sms);
+      return;
+    }
+    const std::vector<std::int32_t> list = planner->plan({qo_indptr, n + 1}, {kv_indptr, n + 1}, last, num_sms);
     *size = list.size();
-    if (!buffer) return;
     if (capacity < list.size()) throw kjit::ArgumentError("buffer too small: " + std::to_string(list.size()) + " values needed");
     std::copy(list.begin(), list.end(), buffer);
   });
