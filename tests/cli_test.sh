@@ -67,5 +67,17 @@ expect 0 'hit \(bundle\)'               -- env KJIT_DISABLE_NVRTC=1 "$kjit" comp
 expect 1 'NVRTC is disabled'            -- env KJIT_DISABLE_NVRTC=1 "$kjit" compile --arch sm_90a --no-disk-cache --bundle "$work/bundle" "$spec"
 expect 1 'NVRTC is disabled'            -- env KJIT_DISABLE_NVRTC=1 "$kjit" doctor
 
+# tools/template-ab against a stand-in for `kjit bench` (no GPU here): its table and refusals.
+cat >"$work/fake-bench" <<'FAKE'
+#!/usr/bin/env bash
+rate=600.0; [[ -n ${KJIT_TEMPLATE_DIR:-} ]] && rate=630.0
+echo '{"op":"batch_prefill"} batch_size=8 seq_len=1024 kv_len=1024     157.98     '"$rate"' TFLOP/s   1062 GB/s  25.1%'
+FAKE
+chmod +x "$work/fake-bench"
+expect 0 '\| 1 \| 8 x 1024 \| 600.0 / 600.0 TFLOP/s \| 630.0 / 630.0 TFLOP/s \(\+5.0%\) \|' -- \
+  python3 "$root/tools/template-ab" --kjit "$work/fake-bench" --shape 8x1024 built=- tree="$root/templates"
+expect 2 'not a templates directory'    -- python3 "$root/tools/template-ab" --kjit "$work/fake-bench" a=/no/such/dir
+expect 2 'a shape is BATCHxSEQ'         -- python3 "$root/tools/template-ab" --shape 8 a=-
+
 echo "$passes passed, $failures failed"
 [[ $failures -eq 0 ]]
