@@ -122,6 +122,14 @@ struct WarpSpecializedPrefill {
   struct Flag {
     static constexpr bool value = kValue;
   };
+  // A short tile's scores or a full one's, by a Flag.
+  template <bool kShort, typename Full, typename Short>
+  static __device__ __forceinline__ auto& pick(Flag<kShort>, Full& full, Short& short_tile) {
+    if constexpr (kShort)
+      return short_tile;
+    else
+      return full;
+  }
   // The consumers take turns issuing their GEMMs (named barriers 2 and 3, 256 threads: the
   // waiting warpgroup and the one passing the turn), so one's softmax runs under the
   // other's GEMMs instead of both competing for the tensor cores, then both idling them.
@@ -451,21 +459,25 @@ struct WarpSpecializedPrefill {
         first_key[r] = kWindow > 0 && !kCausal ? query_end - kWindow + 1 : 0;
       }
 
-      auto issue_scores = [&](float (&s)[kKeys / 8][4], int stage) {
+      // S of the first N keys of a tile (s as N / 8 groups: 128 keys, or 64 for a short last tile).
+      auto issue_scores = [&](auto& s, int stage) {
+        constexpr int kWidth = static_cast<int>(sizeof(s) / sizeof(s[0])) * 8;
         const unsigned long long k_tile = wgmma::advance(k_descriptor, stage * kTileElements * 2);
         wgmma::fence();
 #pragma unroll
         for (int kk = 0; kk < kHeadDim / 16; ++kk)
-          wgmma::mma_shared<T, kKeys>(s, wgmma::advance(q_descriptor, (kk / 4) * kRows * 128 + (kk % 4) * 32),
-                                      wgmma::advance(k_tile, (kk / 4) * kKeys * 128 + (kk % 4) * 32), kk > 0);
+          wgmma::mma_shared<T, kWidth>(s, wgmma::advance(q_descriptor, (kk / 4) * kRows * 128 + (kk % 4) * 32),
+                                       wgmma::advance(k_tile, (kk / 4) * kKeys * 128 + (kk % 4) * 32), kk > 0);
         wgmma::commit();
       };
       float o_acc[kHeadDim / 8][4];
 #pragma unroll
       for (int i = 0; i < kHeadDim / 8; ++i) o_acc[i][0] = o_acc[i][1] = o_acc[i][2] = o_acc[i][3] = 0.f;
       unsigned p[kKeys / 16][4];  // probabilities of the tile whose P V is next, as A fragments
-      auto issue_accumulate = [&](int stage) {
-        wgmma::accumulate_probabilities<T, kHeadDim>(o_acc, p, wgmma::advance(v_descriptor, stage * kTileElements * 2));
+      auto issue_accumulate = [&](auto short_tile, int stage) {
+        constexpr int kSteps = decltype(short_tile)::value ? kKeys / 32 : kKeys / 16;
+        wgmma::accumulate_probabilities<T, kHeadDim, kKeys / 16, kSteps>(
+            o_acc, p, wgmma::advance(v_descriptor, stage * kTileElements * 2));
       };
 
       float m[2] = {kNegInf, kNegInf}, l[2] = {0.f, 0.f};
@@ -473,11 +485,12 @@ struct WarpSpecializedPrefill {
       // alpha once its P V has landed) and turns the scores into probabilities.
       // Two copies, with and without the mask: as one, the compiler computed the mask for
       // every tile (predicated selects), which was a third of the softmax's instructions.
-      auto softmax_tile = [&](auto masked, float (&s)[kKeys / 8][4], int j, float (&alpha)[2]) {
+      auto softmax_tile = [&](auto masked, auto& s, int j, float (&alpha)[2]) {
+        constexpr int kGroups = static_cast<int>(sizeof(s) / sizeof(s[0]));
         cap_and_mask<kCausal, kSoftCap, kWindow>(s, decltype(masked)::value, j * kKeys, t, last_key, first_key, scale, soft_cap);
-        // Row maxima and sums as trees over the row's 32 values (a chain of 32 dependent
+        // Row maxima and sums as trees over the row's values (a chain of 32 dependent
         // fmaxf / adds per row was the softmax's critical path).
-        constexpr int kPairs = kKeys / 16;
+        constexpr int kPairs = kGroups / 2;
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
           float part[kPairs];
@@ -502,7 +515,7 @@ struct WarpSpecializedPrefill {
           }
           const float base = m[r] == kNegInf ? 0.f : m[r];
 #pragma unroll
-          for (int n = 0; n < kKeys / 8; ++n) {
+          for (int n = 0; n < kGroups; ++n) {
             s[n][2 * r] = mma::fast_exp2(fmaf(s[n][2 * r], exp_scale, -base));
             s[n][2 * r + 1] = mma::fast_exp2(fmaf(s[n][2 * r + 1], exp_scale, -base));
           }
@@ -516,18 +529,19 @@ struct WarpSpecializedPrefill {
           l[r] += part[0];
         }
       };
-      auto softmax = [&](float (&s)[kKeys / 8][4], int j, float (&alpha)[2]) {
+      auto softmax = [&](auto& s, int j, float (&alpha)[2]) {
+        constexpr int kWidth = static_cast<int>(sizeof(s) / sizeof(s[0])) * 8;
         const int key0 = j * kKeys;
-        if (key0 + kKeys - 1 > mask_after || (kWindow > 0 && key0 <= wg_last_query + shift - kWindow) || partial_rows)
+        if (key0 + kWidth - 1 > mask_after || (kWindow > 0 && key0 <= wg_last_query + shift - kWindow) || partial_rows)
           softmax_tile(Flag<true>{}, s, j, alpha);
         else
           softmax_tile(Flag<false>{}, s, j, alpha);
       };
       // P from the probabilities (the accumulator layout of S is the A layout of P); only
       // once the previous P V has landed: wgmma reads its A registers until then.
-      auto pack_probabilities = [&](const float (&s)[kKeys / 8][4]) {
+      auto pack_probabilities = [&](const auto& s) {
 #pragma unroll
-        for (int kk = 0; kk < kKeys / 16; ++kk) {
+        for (int kk = 0; kk < static_cast<int>(sizeof(s) / sizeof(s[0])) / 2; ++kk) {
           p[kk][0] = mma::pack2<T>(s[2 * kk][0], s[2 * kk][1]);
           p[kk][1] = mma::pack2<T>(s[2 * kk][2], s[2 * kk][3]);
           p[kk][2] = mma::pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
@@ -536,24 +550,35 @@ struct WarpSpecializedPrefill {
       };
 
       if (w.has_tiles()) {
+        // A short last tile: where no row of this warpgroup sees past the first 64 keys of
+        // the item's last tile (half the causal items at 32 queries an item), its S is
+        // m64n64 and its P V takes half the steps. Every shape runs from issue to wait in
+        // its own copy of the code: a wgmma in flight where two paths merge makes ptxas
+        // serialize every wgmma of the kernel.
+        const int wg_key_end = kCausal ? min(kv_len, wg_last_query + shift + 1) : kv_len;
+        const bool short_last = wg_key_end - (w.end_tile - 1) * kKeys <= kKeys / 2;
         bulk::barrier_wait(q_full, q_round++ & 1);
-        float s[kKeys / 8][4];
+        float s_full[kKeys / 8][4], s_short[kKeys / 16][4];
         float alpha[2];
         int stage = tile_count % kStages;
-        wait_turn(consumer);
-        bulk::barrier_wait(&k_full[stage], (tile_count / kStages) & 1);
-        wgmma::fence_shared_for_async_reads();  // cp.async wrote through the generic proxy
-        issue_scores(s, stage);
-        pass_turn(consumer);
-        wgmma::wait<0>();
-        wgmma::hold(s);
-        release(&k_empty[stage]);
-        // Q is free once the item's last S has landed (released after the last softmax
-        // instead, the next item's Q came 0.6 us after the consumers were ready for it).
-        if (w.first_tile + 1 == w.end_tile) release(q_empty);
-        softmax(s, w.first_tile, alpha);  // O is still 0: nothing to rescale
-        pack_probabilities(s);
-        for (int j = w.first_tile + 1; j < w.end_tile; ++j) {
+        auto first_scores = [&](auto short_tile) {
+          auto& s = pick(short_tile, s_full, s_short);
+          wait_turn(consumer);
+          bulk::barrier_wait(&k_full[stage], (tile_count / kStages) & 1);
+          wgmma::fence_shared_for_async_reads();  // cp.async wrote through the generic proxy
+          issue_scores(s, stage);
+          pass_turn(consumer);
+          wgmma::wait<0>();
+          wgmma::hold(s);
+          release(&k_empty[stage]);
+          // Q is free once the item's last S has landed (released after the last softmax
+          // instead, the next item's Q came 0.6 us after the consumers were ready for it).
+          if (w.first_tile + 1 == w.end_tile) release(q_empty);
+          softmax(s, w.first_tile, alpha);  // O is still 0: nothing to rescale
+          pack_probabilities(s);
+        };
+        auto next_tile = [&](auto short_tile, int j) {
+          auto& s = pick(short_tile, s_full, s_short);
           const int previous = stage, previous_round = (tile_count / kStages) & 1;
           ++tile_count;
           stage = tile_count % kStages;
@@ -563,7 +588,7 @@ struct WarpSpecializedPrefill {
           issue_scores(s, stage);
           bulk::barrier_wait(&v_full[previous], previous_round);
           wgmma::fence_shared_for_async_reads();
-          issue_accumulate(previous);
+          issue_accumulate(Flag<false>{}, previous);
           pass_turn(consumer);
           wgmma::wait<1>();  // S_j landed; P_{j-1} V_{j-1} may still run
           wgmma::hold(s);
@@ -582,20 +607,34 @@ struct WarpSpecializedPrefill {
                 o_acc[d][2 * r + 1] *= alpha[r];
               }
           pack_probabilities(s);
-        }
-        wait_turn(consumer);
-        bulk::barrier_wait(&v_full[stage], (tile_count / kStages) & 1);
-        wgmma::fence_shared_for_async_reads();
-        issue_accumulate(stage);
-        pass_turn(consumer);
-        if (has_item(round + 1)) {
-          next = work_item(round + 1);
-          have_next = true;
-        }
-        wgmma::wait<0>();
-        wgmma::hold(o_acc);
-        release(&v_empty[stage]);
-        ++tile_count;
+        };
+        auto last_accumulate = [&](auto short_tile) {
+          wait_turn(consumer);
+          bulk::barrier_wait(&v_full[stage], (tile_count / kStages) & 1);
+          wgmma::fence_shared_for_async_reads();
+          issue_accumulate(short_tile, stage);
+          pass_turn(consumer);
+          if (has_item(round + 1)) {
+            next = work_item(round + 1);
+            have_next = true;
+          }
+          wgmma::wait<0>();
+          wgmma::hold(o_acc);
+          release(&v_empty[stage]);
+          ++tile_count;
+        };
+        const bool one_tile = w.first_tile + 1 == w.end_tile;
+        if (one_tile && short_last)
+          first_scores(Flag<true>{});
+        else
+          first_scores(Flag<false>{});
+        const int full_end = short_last ? w.end_tile - 1 : w.end_tile;
+        for (int j = w.first_tile + 1; j < full_end; ++j) next_tile(Flag<false>{}, j);
+        if (short_last && !one_tile) next_tile(Flag<true>{}, w.end_tile - 1);
+        if (short_last)
+          last_accumulate(Flag<true>{});
+        else
+          last_accumulate(Flag<false>{});
       }
 
       store_rows<T, kHeadDim, kLse>(o_acc, m, l, t, [&](int r) {

@@ -168,15 +168,17 @@ __device__ __forceinline__ void mma_registers(float (&d)[N / 8][4], const unsign
 }
 
 // Attention's O += P V: P as kSteps A fragments of 16 keys, V's tile MN-major at
-// descriptor v (16 keys = 16 rows of 128 bytes a step). Fenced and committed as one group.
-template <typename T, int kHeadDim, int kSteps>
+// descriptor v (16 keys = 16 rows of 128 bytes a step); only the first kUsedSteps (a tile's
+// first kUsedSteps * 16 keys). Fenced and committed as one group.
+template <typename T, int kHeadDim, int kSteps, int kUsedSteps = kSteps>
 __device__ __forceinline__ void accumulate_probabilities(float (&o)[kHeadDim / 8][4], unsigned (&p)[kSteps][4],
                                                          unsigned long long v) {
+  static_assert(kUsedSteps <= kSteps, "steps held in p");
   hold(p);
   hold(o);
   fence();
 #pragma unroll
-  for (int kk = 0; kk < kSteps; ++kk) mma_registers<T, kHeadDim, /*transpose_b=*/true>(o, p[kk], v + kk * 16 * 128 / 16);
+  for (int kk = 0; kk < kUsedSteps; ++kk) mma_registers<T, kHeadDim, /*transpose_b=*/true>(o, p[kk], v + kk * 16 * 128 / 16);
   commit();
 }
 
