@@ -532,7 +532,9 @@ struct WarpSpecializedPrefill {
       auto softmax = [&](auto& s, int j, float (&alpha)[2]) {
         constexpr int kWidth = static_cast<int>(sizeof(s) / sizeof(s[0])) * 8;
         const int key0 = j * kKeys;
-        if (key0 + kWidth - 1 > mask_after || (kWindow > 0 && key0 <= wg_last_query + shift - kWindow) || partial_rows)
+        // A short tile is a last one, masked in practice: no copy without the mask (code size
+        // counts at item boundaries).
+        if (kWidth < kKeys || key0 + kWidth - 1 > mask_after || (kWindow > 0 && key0 <= wg_last_query + shift - kWindow) || partial_rows)
           softmax_tile(Flag<true>{}, s, j, alpha);
         else
           softmax_tile(Flag<false>{}, s, j, alpha);
