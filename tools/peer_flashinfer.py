@@ -21,31 +21,16 @@ FLOPs count the visible (query, key) pairs as kjit's bench does; decode bytes ar
 and the output once.
 """
 import argparse
-import statistics
 import sys
 import time
 
 import torch
 
 import flashinfer
+from torch_baselines import bench  # (tools/ is this script's directory)
 
 HEADS, KV_HEADS, DIM = 32, 8, 128
 dev = "cuda"
-
-
-def median_us(fn, iters, warm=5):
-    for _ in range(warm):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3)
-    return statistics.median(times)
 
 
 def prefill(args, workspace):
@@ -63,7 +48,7 @@ def prefill(args, workspace):
         wrapper.run(q, k, v)
         torch.cuda.synchronize()
         first = time.time() - started
-        t = median_us(lambda: wrapper.run(q, k, v), args.iters)
+        t = bench(lambda: wrapper.run(q, k, v), iters=args.iters, warm=5)
         flops = 4 * DIM * HEADS * seq * (seq + 1) / 2 * batch
         print(f"{f'{batch} x {seq}':<14} {t:>10.1f} {flops / (t * 1e-6) / 1e12:>8.1f}   (first call {first:.1f} s)",
               flush=True)
@@ -84,7 +69,7 @@ def prefill_paged(args, workspace):
         wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD", backend=args.backend)
         wrapper.plan(indptr, page_indptr, indices, last, HEADS, KV_HEADS, DIM, page, causal=True,
                      q_data_type=torch.bfloat16, kv_data_type=torch.bfloat16)
-        t = median_us(lambda: wrapper.run(q, cache), args.iters)
+        t = bench(lambda: wrapper.run(q, cache), iters=args.iters, warm=5)
         flops = 4 * DIM * HEADS * seq * (seq + 1) / 2 * batch
         print(f"{f'{batch} x {seq}':<14} {t:>10.1f} {flops / (t * 1e-6) / 1e12:>8.1f}", flush=True)
 
@@ -109,7 +94,7 @@ def decode(args, workspace):
         wrapper.run(q, cache)
         torch.cuda.synchronize()
         first = time.time() - started
-        t = median_us(lambda: wrapper.run(q, cache), args.iters)
+        t = bench(lambda: wrapper.run(q, cache), iters=args.iters, warm=5)
         nbytes = 2 * batch * kv_len * KV_HEADS * DIM * 2 + 2 * q.numel() * 2
         print(f"{f'{batch} x {kv_len}':<14} {t:>10.1f} {nbytes / (t * 1e-6) / 1e9:>8.0f}   (first call {first:.1f} s)",
               flush=True)
