@@ -556,7 +556,8 @@ struct WarpSpecializedPrefill {
         // the item's last tile (half the causal items at 32 queries an item), its S is
         // m64n64 and its P V takes half the steps. Every shape runs from issue to wait in
         // its own copy of the code: a wgmma in flight where two paths merge makes ptxas
-        // serialize every wgmma of the kernel.
+        // serialize every wgmma of the kernel. (The host's work-list plan costs such items
+        // by the same rule, on the item's last row: PrefillWorkPlanner::plan.)
         const int wg_key_end = kCausal ? min(kv_len, wg_last_query + shift + 1) : kv_len;
         const bool short_last = wg_key_end - (w.end_tile - 1) * kKeys <= kKeys / 2;
         bulk::barrier_wait(q_full, q_round++ & 1);
