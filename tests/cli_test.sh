@@ -76,6 +76,17 @@ FAKE
 chmod +x "$work/fake-bench"
 expect 0 '\| 1 \| 8 x 1024 \| 600.0 / 600.0 TFLOP/s \| 630.0 / 630.0 TFLOP/s \(\+5.0%\) \|' -- \
   python3 "$root/tools/template-ab" --kjit "$work/fake-bench" --shape 8x1024 built=- tree="$root/templates"
+# a decode spec: SEQ is the KV length (--axis), and the back-to-back rate is the one compared
+cat >"$work/fake-decode" <<'FAKE'
+#!/usr/bin/env bash
+[[ " $* " == *" kv_len=4096 "* ]] || exit 0  # no line: template-ab must refuse
+rate=2900; [[ -n ${KJIT_TEMPLATE_DIR:-} ]] && rate=2958
+echo '{"op":"batch_decode"} batch_size=64 kv_len=4096     365.06      2944   98.3%  (1 chunk(s) of 4096; back to back 360.97 us = '"$rate"' GB/s)'
+FAKE
+chmod +x "$work/fake-decode"
+expect 0 '\| 1 \| 64 x 4096 \| 2900.0 GB/s back to back \| 2958.0 GB/s back to back \(\+2.0%\) \|' -- \
+  python3 "$root/tools/template-ab" --kjit "$work/fake-decode" --axis kv_len --rounds 1 --shape 64x4096 built=- tree="$root/templates"
+expect 1 'expected 1 bench lines'       -- python3 "$root/tools/template-ab" --kjit "$work/fake-decode" --rounds 1 --shape 64x4096 a=-
 expect 2 'not a templates directory'    -- python3 "$root/tools/template-ab" --kjit "$work/fake-bench" a=/no/such/dir
 expect 2 'a shape is BATCHxSEQ'         -- python3 "$root/tools/template-ab" --shape 8 a=-
 
