@@ -810,8 +810,21 @@ TEST_CASE("batch prefill matches float64 attention on ragged requests", "[gpu][a
           cases.push_back(c);
         }
       }
+    // The output staged in shared memory for the bulk copy engine: head dims, a group of 5
+    // (a query's rows split across items), no lse, cp.async and TMA pages.
+    std::vector<PrefillCase> staged{{8, 2, 128}, {8, 2, 64, false}, {10, 2, 128, true, true, 30.0, 0, false}};
+    for (std::int64_t page_size : {16, 64}) {
+      PrefillCase c{8, 2, 128};
+      c.page_size = page_size;
+      c.layout = page_size == 16 ? "HND" : "NHD";
+      staged.push_back(c);
+    }
+    for (auto c : staged) {
+      c.extra = R"(, "staged_output": true)";
+      cases.push_back(c);
+    }
     for (auto c : cases) {
-      c.extra = ws;
+      c.extra = ws + c.extra;
       run_prefill_case(c, lengths, rng);
     }
     // Blocks walking the host plan's work list (plan_prefill_work): ragged and paged, with a
@@ -828,7 +841,7 @@ TEST_CASE("batch prefill matches float64 attention on ragged requests", "[gpu][a
       c.extra = listed;
       run_prefill_case(c, lengths, rng);
     }
-    for (const std::string& order : {ws, listed}) {
+    for (const std::string& order : {ws, listed, listed + R"(, "staged_output": true)"}) {
       PrefillCase one_head{8, 2, 128};
       one_head.extra = order + R"(, "pack_gqa": false)";
       run_prefill_case(one_head, lengths, rng);

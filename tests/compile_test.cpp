@@ -248,7 +248,9 @@ TEST_CASE("every prefill variant in a representative grid compiles for sm_90a", 
   for (int head_dim : {64, 128})
     for (const char* more : {"", R"(, "causal": false, "pack_gqa": false)", R"(, "logits_soft_cap": 30, "sliding_window": 100)",
                              R"(, "paged": true, "page_size": 16, "kv_layout": "HND", "logits_soft_cap": 30, "sliding_window": 100)",
-                             R"(, "paged": true, "page_size": 1, "kv_storage": "combined")"})
+                             R"(, "paged": true, "page_size": 1, "kv_storage": "combined")",
+                             R"(, "staged_output": true, "return_lse": false)",
+                             R"(, "staged_output": true, "paged": true, "page_size": 64, "work_list": true, "pack_gqa": false)"})
       specs.push_back(fmt::format(
           R"({{"op": "batch_prefill", "num_qo_heads": 32, "num_kv_heads": 8, "head_dim": {}, "dtype": "float16", "warp_specialized": true{}}})",
           head_dim, more));

@@ -136,6 +136,12 @@ TEST_CASE("attention plans: prefill blocks and the merge's few-row form", "[spec
   CHECK(param_index(listed.params, "work_list") == param_index(listed.params, "lse") + 1);
   CHECK_FALSE(one.spec.contains("work_list"));
   CHECK(param_index(one.params, "work_list") < 0);
+  // "staged_output": the same launch and shared memory (one V stage's room stages the output).
+  const auto staged = plan("{" + prefill + R"(, "staged_output": true})");
+  CHECK(staged.spec["staged_output"] == true);
+  CHECK(staged.launch.dynamic_shared_bytes == one.launch.dynamic_shared_bytes);
+  CHECK(staged.template_params["staged_output"] == true);
+  CHECK_FALSE(one.spec.contains("staged_output"));
   // A group that does not divide the 128 rows: q boxes of one head (the kernel copies Q itself).
   CHECK(plan(R"({"op": "batch_prefill", "num_qo_heads": 12, "num_kv_heads": 4, "head_dim": 128, "dtype": "bfloat16"})")
             .launch.tensor_maps[0].box == std::vector<std::uint32_t>{64, 1, 128});
@@ -282,6 +288,8 @@ TEST_CASE("spec refusals name the field, the value and what is allowed", "[spec]
   CHECK_THAT(refusal("{" + prefill + R"(, "short_form_max_qo_len": -1})"), Contains("field \"short_form_max_qo_len\""));
   CHECK_THAT(refusal("{" + prefill + R"(, "warp_specialized": false, "work_list": true})"),
              Contains("field \"work_list\"") && Contains("warp-specialized"));
+  CHECK_THAT(refusal("{" + prefill + R"(, "warp_specialized": false, "staged_output": true})"),
+             Contains("field \"staged_output\"") && Contains("warp-specialized"));
   CHECK(refusal(R"([1, 2])") == "spec must be a JSON object, got array");
   CHECK(refusal(R"({"hidden_size": 4096})").find("spec has no \"op\" field") == 0);
   CHECK(refusal("{\"op\": \"rmsnorm\",\n \"hidden_size\": 4096,,}").find("spec is not valid JSON: parse error at line 2, column 22") == 0);

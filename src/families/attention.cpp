@@ -26,7 +26,9 @@
 //     sm_90a the block runs the mma.sync form on two of its warpgroups), short_form_max_qo_len
 //     (warp-specialized: launches with max_qo_len up to it run the other form, default 16,
 //     0: never), work_list (warp-specialized, default false: the kernel takes a work_list
-//     argument, kjit::plan_prefill_work's balanced assignment of work items to blocks)
+//     argument, kjit::plan_prefill_work's balanced assignment of work items to blocks),
+//     staged_output (warp-specialized, default false: the output is written through shared
+//     memory by the bulk copy engine, in the room of one V stage)
 //   {"op": "append_paged_kv_cache", "num_kv_heads": 8, "head_dim": 128, "page_size": 16,
 //    "dtype": "bfloat16"}    (kv_layout, kv_storage as above; dtype may be float8_e4m3)
 //   {"op": "merge_states" | "merge_state", "num_heads": 32, "head_dim": 128,
@@ -216,6 +218,12 @@ class AttentionFamily final : public Family {
     // by their tiles, instead of the kernel's static order.
     const bool work_list = fields.boolean("work_list", false);
     if (work_list && !warp_specialized) fields.fail("work_list", "needs the warp-specialized form (\"warp_specialized\": true)");
+    // Warp-specialized: the output staged in shared memory and written by the bulk copy engine
+    // (WarpSpecializedPrefill::store_output) instead of stored from registers. Off by default
+    // until measured (docs/benchmarks.md, prefill).
+    const bool staged_output = fields.boolean("staged_output", false);
+    if (staged_output && !warp_specialized)
+      fields.fail("staged_output", "needs the warp-specialized form (\"warp_specialized\": true)");
     fields.finish();
     const auto [qo_heads, kv_heads, head_dim, dtype, return_lse, soft_cap, window] = a;
 
@@ -229,6 +237,7 @@ class AttentionFamily final : public Family {
     if (warp_specialized != specialized_by_default) plan.spec["warp_specialized"] = warp_specialized;
     if (warp_specialized && short_form_max_qo_len != default_short_form) plan.spec["short_form_max_qo_len"] = short_form_max_qo_len;
     if (work_list) plan.spec["work_list"] = true;
+    if (staged_output) plan.spec["staged_output"] = true;
     if (paged)
       plan.spec.update({{"paged", true}, {"page_size", page_size}, {"kv_layout", layout},
                         {"kv_storage", combined ? "combined" : "separate"}});
@@ -259,7 +268,8 @@ class AttentionFamily final : public Family {
 
     plan.template_params.update({{"causal", causal}, {"paged", paged}, {"page_size", page_size}, {"kv_layout", layout},
                                  {"combined", combined}, {"pack_gqa", pack_gqa}, {"warpgroup_mma", warpgroup_mma},
-                                 {"warp_specialized", warp_specialized}, {"work_list", work_list}});
+                                 {"warp_specialized", warp_specialized}, {"work_list", work_list},
+                                 {"staged_output", staged_output}});
     // Warp-specialized: requests are taken in groups whose K/V fit this much L2 (the kernel's
     // ItemOrder, where the choice is measured; plan_prefill_work reads it from here too).
     plan.template_params["l2_group_bytes"] = std::int64_t{16} << 20;
@@ -267,7 +277,8 @@ class AttentionFamily final : public Family {
     // warpgroup; K/V tiles double-buffered (Q, 2 K and 2 V tiles, 1 KB to align them);
     // warp-specialized: two MMA warpgroups, a copying one, 128-key tiles and 256 bytes of
     // mbarriers, as many K/V stages (a K and a V tile each) as the 227 KB an SM gives a block
-    // holds, at most 4 (3 at head_dim 128).
+    // holds, at most 4 (3 at head_dim 128); with staged_output the last V tile's room stages
+    // the output instead (its 128 rows are a tile's size: the same bytes).
     const std::int64_t group = qo_heads / kv_heads;
     nlohmann::json forms = nlohmann::json::array();
     auto add_form = [&](LaunchRule& launch, const std::string& entry, bool specialized, std::int64_t form_keys,

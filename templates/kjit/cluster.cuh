@@ -60,6 +60,20 @@ __device__ __forceinline__ void copy(void* shared_dst, const void* global_src, u
                : "memory");
 }
 
+// This block's shared memory -> global, the thread's next bulk group (16-byte aligned
+// addresses, a multiple of 16 bytes). The copy reads shared memory through the async proxy:
+// a `fence.proxy.async.shared::cta` orders the writes that filled it first.
+__device__ __forceinline__ void store(void* global_dst, const void* shared_src, unsigned bytes) {
+  asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;" ::"l"(global_dst), "r"(shared_address(shared_src)),
+               "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void store_commit() { asm volatile("cp.async.bulk.commit_group;" ::: "memory"); }
+// The thread's committed stores have read their shared memory (it may be written again).
+__device__ __forceinline__ void store_wait_read() { asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory"); }
+// The thread's committed stores are done, their writes performed.
+__device__ __forceinline__ void store_wait() { asm volatile("cp.async.bulk.wait_group 0;" ::: "memory"); }
+
 // A TMA descriptor (CUtensorMap): the launch builds one per tensor a kernel copies in
 // tiles and passes it as a `const __grid_constant__` parameter, which copies address.
 struct alignas(64) TensorMap {
