@@ -147,25 +147,25 @@ struct WarpSpecializedPrefill {
   static __device__ __forceinline__ void pass_turn(int consumer) {
     asm volatile("bar.arrive %0, 256;" ::"r"(2 + (1 - consumer)) : "memory");
   }
-  // One consumer warpgroup's 128 threads (named barriers 4 and 5).
-  static __device__ __forceinline__ void sync_warpgroup(int consumer) {
-    asm volatile("bar.sync %0, 128;" ::"r"(4 + consumer) : "memory");
-  }
-
-  // kStagedOutput's epilogue of a consumer's 64 rows: O / l into its half of the staging tile
-  // (row-major, a row's head_dim values contiguous), then one bulk copy a row (threads 0-63)
-  // to the output, which the copy engine writes while the warpgroup goes on to its next
-  // item. Stored from registers (store_rows), the output's 16 KB cost 1.1-1.5 us an item
-  // (ablation, H100: causal 8 x 1024 11% faster without the stores). qo_index(row) is a
-  // row's (query, head) index into the output and lse, or -1 past the request.
+  // kStagedOutput's epilogue of a consumer's 64 rows, by warp (a warp holds rows 16w..16w+15
+  // of them): O / l into the warp's rows of the staging tile (row-major, a row's head_dim
+  // values contiguous), then lane 0 sends them to the output as bulk copies, which the copy
+  // engine writes while the warpgroup goes on to its next item. A copy takes a query's
+  // packed rows at once where they fill the warp's rows evenly (its heads are adjacent in the
+  // output), else one row. One lane issues them: the copy's addresses are uniform registers,
+  // so copies from every lane ran as a loop over the lanes. Stored from registers
+  // (store_rows), the output's 16 KB cost 1.1-1.5 us an item (ablation, H100: causal
+  // 8 x 1024 11% faster without the stores). qo_index(row) is a row's (query, head) index
+  // into the output and lse, or -1 past the request.
+  static constexpr int kRowsPerCopy = kPackGqa && 16 % kRowsPerQuery == 0 ? kRowsPerQuery : 1;
   template <typename QoIndex>
   static __device__ __forceinline__ void store_output(const float (&o_acc)[kHeadDim / 8][4], const float (&m)[2], float (&l)[2],
-                                                      int consumer, int warp, int lane, T* staging, QoIndex qo_index,
-                                                      T* __restrict__ o, float* __restrict__ lse) {
+                                                      int warp, int lane, T* staging, QoIndex qo_index, T* __restrict__ o,
+                                                      float* __restrict__ lse) {
     const float kNegInf = -__int_as_float(0x7f800000);
-    const int g = lane / 4, t = lane % 4, thread = warp * 32 + lane;
-    if (thread < 64) bulk::store_wait_read();  // the previous item's copies have read the staging rows
-    sync_warpgroup(consumer);
+    const int g = lane / 4, t = lane % 4;
+    if (lane == 0) bulk::store_wait_read();  // the previous item's copies have read the warp's rows
+    __syncwarp();
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
@@ -200,10 +200,16 @@ struct WarpSpecializedPrefill {
       }
     }
     wgmma::fence_shared_for_async_reads();  // the copy engine reads what this thread wrote
-    sync_warpgroup(consumer);
-    if (thread < 64) {
-      const long long index = qo_index(thread);
-      if (index >= 0) bulk::store(o + index * kHeadDim, staging + thread * kHeadDim, kHeadDim * sizeof(T));
+    __syncwarp();
+    if (lane == 0) {
+      // Rows past the request are whole queries too (rows = queries x kRowsPerQuery), so a
+      // copy's rows are all in it or all past it.
+#pragma unroll
+      for (int copy = 0; copy < 16 / kRowsPerCopy; ++copy) {
+        const int row = warp * 16 + copy * kRowsPerCopy;
+        const long long index = qo_index(row);
+        if (index >= 0) bulk::store(o + index * kHeadDim, staging + row * kHeadDim, kRowsPerCopy * kHeadDim * sizeof(T));
+      }
       bulk::store_commit();
     }
   }
@@ -719,11 +725,11 @@ struct WarpSpecializedPrefill {
                           : -1ll;
       };
       if constexpr (kStagedOutput)
-        store_output(o_acc, m, l, consumer, warp, lane, o_staging + consumer * 64 * kHeadDim, qo_index, o, lse);
+        store_output(o_acc, m, l, warp, lane, o_staging + consumer * 64 * kHeadDim, qo_index, o, lse);
       else
         store_rows<T, kHeadDim, kLse>(o_acc, m, l, t, [&](int r) { return qo_index(warp * 16 + g + 8 * r); }, o, lse);
     }
-    if (kStagedOutput && warp * 32 + lane < 64) bulk::store_wait();  // the last item's rows written before the block leaves
+    if (kStagedOutput && lane == 0) bulk::store_wait();  // the last item's rows written before the block leaves
 #endif
   }
 };
