@@ -33,7 +33,7 @@
 namespace kjit::attention {
 
 template <typename T, int kHeadDim, int kQoHeads, int kKvHeads, bool kCausal, bool kSoftCap, int kWindow, bool kLse,
-          typename KvSource, bool kPackGqa, int kStages_ = 3, bool kTensorMaps = false, bool kWorkList = false,
+          typename KvSource, bool kPackGqa, int kStages_ = 2, bool kTensorMaps = false, bool kWorkList = false,
           long long kGroupCacheBytes = 16ll << 20, bool kStagedOutput = false>
 struct WarpSpecializedPrefill {
   using Kv = KvSource;
