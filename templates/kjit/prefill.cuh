@@ -118,12 +118,11 @@ __device__ __forceinline__ void transpose_quad(unsigned (&w)[4], int t) {
 // The prefill forms' epilogue for a thread's rows g and g + 8 (r = 0, 1): the row sums
 // across the quad, then o / l and the base-2 lse. qo_index(r) is the row's (query, head)
 // index into the output and lse, or -1 for a row past the request. A quad holds a row's
-// 8-column chunks a word per lane; transposed 4 chunks at a time, each lane stores whole
-// chunks as 16 bytes (4-byte stores straight from the accumulators kept a 128-row tile's
-// output in the load/store unit 2.1 us on an H200, delaying the producer's next copies).
-template <typename T, int kHeadDim, bool kLse, typename QoIndex>
-__device__ __forceinline__ void store_rows(const float (&o_acc)[kHeadDim / 8][4], const float (&m)[2], float (&l)[2], int t,
-                                           QoIndex qo_index, T* __restrict__ o, float* __restrict__ lse) {
+// 8-column chunks a word per lane; transposed 4 chunks at a time, each lane hands whole
+// chunks to write(r, index, chunk, value), 16 bytes each.
+template <typename T, int kHeadDim, bool kLse, typename QoIndex, typename WriteChunk>
+__device__ __forceinline__ void finish_rows(const float (&o_acc)[kHeadDim / 8][4], const float (&m)[2], float (&l)[2], int t,
+                                            QoIndex qo_index, float* __restrict__ lse, WriteChunk write) {
   static_assert(kHeadDim % 32 == 0, "whole groups of 4 chunks");
   const float kNegInf = -__int_as_float(0x7f800000);
 #pragma unroll
@@ -132,7 +131,6 @@ __device__ __forceinline__ void store_rows(const float (&o_acc)[kHeadDim / 8][4]
     l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
     const long long index = qo_index(r);
     const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
-    T* out = o + (index < 0 ? 0 : index) * kHeadDim;
 #pragma unroll
     for (int group = 0; group < kHeadDim / 32; ++group) {
       unsigned w[4];
@@ -142,11 +140,22 @@ __device__ __forceinline__ void store_rows(const float (&o_acc)[kHeadDim / 8][4]
         w[c] = mma::pack2<T>(o_acc[d][2 * r] * inv, o_acc[d][2 * r + 1] * inv);
       }
       transpose_quad(w, t);  // every lane: rows past the request too
-      if (index >= 0) *reinterpret_cast<uint4*>(out + (4 * group + t) * 8) = make_uint4(w[0], w[1], w[2], w[3]);
+      write(r, index, 4 * group + t, make_uint4(w[0], w[1], w[2], w[3]));
     }
     if constexpr (kLse)
       if (t == 0 && index >= 0) lse[index] = l[r] > 0.f ? m[r] + log2f(l[r]) : kNegInf;
   }
+}
+
+// finish_rows straight into the output (4-byte stores straight from the accumulators kept a
+// 128-row tile's output in the load/store unit 2.1 us on an H200, delaying the producer's
+// next copies; whole 16-byte chunks do not).
+template <typename T, int kHeadDim, bool kLse, typename QoIndex>
+__device__ __forceinline__ void store_rows(const float (&o_acc)[kHeadDim / 8][4], const float (&m)[2], float (&l)[2], int t,
+                                           QoIndex qo_index, T* __restrict__ o, float* __restrict__ lse) {
+  finish_rows<T, kHeadDim, kLse>(o_acc, m, l, t, qo_index, lse, [&](int, long long index, int chunk, uint4 value) {
+    if (index >= 0) *reinterpret_cast<uint4*>(o + index * kHeadDim + chunk * 8) = value;
+  });
 }
 
 template <typename T, int kHeadDim, int kQoHeads, int kKvHeads, bool kCausal, bool kSoftCap, int kWindow, bool kLse,

@@ -148,57 +148,27 @@ struct WarpSpecializedPrefill {
     asm volatile("bar.arrive %0, 256;" ::"r"(2 + (1 - consumer)) : "memory");
   }
   // kStagedOutput's epilogue of a consumer's 64 rows, by warp (a warp holds rows 16w..16w+15
-  // of them): O / l into the warp's rows of the staging tile (row-major, a row's head_dim
-  // values contiguous), then lane 0 sends them to the output as bulk copies, which the copy
-  // engine writes while the warpgroup goes on to its next item. A copy takes a query's
-  // packed rows at once where they fill the warp's rows evenly (its heads are adjacent in the
-  // output), else one row. One lane issues them: the copy's addresses are uniform registers,
-  // so copies from every lane ran as a loop over the lanes. Stored from registers
-  // (store_rows), the output's 16 KB cost 1.1-1.5 us an item (ablation, H100: causal
-  // 8 x 1024 11% faster without the stores). qo_index(row) is a row's (query, head) index
-  // into the output and lse, or -1 past the request.
+  // of them): finish_rows into the warp's rows of the staging tile (row-major, a row's
+  // head_dim values contiguous), then lane 0 sends them to the output as bulk copies, which
+  // the copy engine writes while the warpgroup goes on to its next item. A copy takes a
+  // query's packed rows at once where they fill the warp's rows evenly (its heads are
+  // adjacent in the output), else one row. One lane issues them: the copy's addresses are
+  // uniform registers, so copies from every lane ran as a loop over the lanes. Stored from
+  // registers (store_rows), the output's 16 KB cost 1.1-1.5 us an item (ablation, H100:
+  // causal 8 x 1024 11% faster without the stores). qo_index(row) is a row's (query, head)
+  // index into the output and lse, or -1 past the request.
   static constexpr int kRowsPerCopy = kPackGqa && 16 % kRowsPerQuery == 0 ? kRowsPerQuery : 1;
   template <typename QoIndex>
   static __device__ __forceinline__ void store_output(const float (&o_acc)[kHeadDim / 8][4], const float (&m)[2], float (&l)[2],
                                                       int warp, int lane, T* staging, QoIndex qo_index, T* __restrict__ o,
                                                       float* __restrict__ lse) {
-    const float kNegInf = -__int_as_float(0x7f800000);
-    const int g = lane / 4, t = lane % 4;
+    auto warp_row = [&](int r) { return warp * 16 + lane / 4 + 8 * r; };
     if (lane == 0) bulk::store_wait_read();  // the previous item's copies have read the warp's rows
     __syncwarp();
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
-      l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
-      const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
-      const int row = warp * 16 + g + 8 * r;
-      T* staged = staging + row * kHeadDim;
-      // A quad holds a row's 8-column chunks a word per lane; transposed 4 chunks at a time,
-      // each lane writes whole chunks. Rows g and g + 1 share a quarter warp's store and,
-      // a multiple of 128 bytes apart, their banks: odd rows write their two groups of 4
-      // chunks in the other order.
-      const bool odd = g & 1;
-#pragma unroll
-      for (int pair = 0; pair < kHeadDim / 64; ++pair) {
-        unsigned a[4], b[4];
-#pragma unroll
-        for (int c = 0; c < 4; ++c) {
-          a[c] = mma::pack2<T>(o_acc[8 * pair + c][2 * r] * inv, o_acc[8 * pair + c][2 * r + 1] * inv);
-          b[c] = mma::pack2<T>(o_acc[8 * pair + 4 + c][2 * r] * inv, o_acc[8 * pair + 4 + c][2 * r + 1] * inv);
-        }
-        transpose_quad(a, t);
-        transpose_quad(b, t);
-        const int first = 2 * pair + odd, second = 2 * pair + !odd;  // groups of 4 chunks
-        *reinterpret_cast<uint4*>(staged + (4 * first + t) * 8) =
-            odd ? make_uint4(b[0], b[1], b[2], b[3]) : make_uint4(a[0], a[1], a[2], a[3]);
-        *reinterpret_cast<uint4*>(staged + (4 * second + t) * 8) =
-            odd ? make_uint4(a[0], a[1], a[2], a[3]) : make_uint4(b[0], b[1], b[2], b[3]);
-      }
-      if constexpr (kLse) {
-        const long long index = qo_index(row);
-        if (t == 0 && index >= 0) lse[index] = l[r] > 0.f ? m[r] + log2f(l[r]) : kNegInf;
-      }
-    }
+    finish_rows<T, kHeadDim, kLse>(o_acc, m, l, lane % 4, [&](int r) { return qo_index(warp_row(r)); }, lse,
+                                   [&](int r, long long, int chunk, uint4 value) {
+                                     *reinterpret_cast<uint4*>(staging + warp_row(r) * kHeadDim + chunk * 8) = value;
+                                   });
     wgmma::fence_shared_for_async_reads();  // the copy engine reads what this thread wrote
     __syncwarp();
     if (lane == 0) {
