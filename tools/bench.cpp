@@ -190,7 +190,7 @@ BenchResult bench_kernel(const Kernel& kernel, const std::map<std::string, std::
 }
 
 BenchResult bench_decode(Engine& engine, const std::string& spec, std::int64_t batch_size, std::int64_t kv_len,
-                         int iterations, std::string* plan_text, std::int64_t num_chunks) {
+                         int iterations, std::string* plan_text, std::int64_t num_chunks, bool pages_in_order) {
   BatchDecode decode(engine, spec);
   const KernelInfo& info = decode.decode_kernel().info();
   const auto j = nlohmann::json::parse(info.spec);
@@ -203,7 +203,7 @@ BenchResult bench_decode(Engine& engine, const std::string& spec, std::int64_t b
   last.assign(static_cast<std::size_t>(batch_size), static_cast<std::int32_t>(kv_len - (pages_per_request - 1) * page_size));
   std::iota(indices.begin(), indices.end(), 0);
   std::mt19937 rng(7);
-  std::shuffle(indices.begin(), indices.end(), rng);  // pages scattered, as a server's allocator leaves them
+  if (!pages_in_order) std::shuffle(indices.begin(), indices.end(), rng);  // pages scattered, as a server's allocator leaves them
   const std::size_t cache_bytes = static_cast<std::size_t>(pages * page_size * kv_heads * head_dim) * kv_size;
   const std::size_t q_bytes = static_cast<std::size_t>(batch_size * qo_heads * head_dim) * 2;
   // A combined cache is one tensor of twice the size, in k (v unused).

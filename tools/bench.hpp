@@ -29,10 +29,12 @@ BenchResult bench_kernel(const Kernel& kernel, const std::map<std::string, std::
                          const std::map<std::string, double>& reals, int iterations);
 
 // Batch decode (plan + run) over a paged cache of batch_size requests of kv_len tokens
-// each, pages in shuffled order; bytes are the KV read once plus q and the output.
+// each, pages in shuffled order (or in order: how much of the gap to contiguous K/V the
+// scattered pages make); bytes are the KV read once plus q and the output.
 // num_chunks > 0 fixes the KV split (else the planner chooses).
 BenchResult bench_decode(Engine& engine, const std::string& spec, std::int64_t batch_size, std::int64_t kv_len,
-                         int iterations, std::string* plan_text = nullptr, std::int64_t num_chunks = 0);
+                         int iterations, std::string* plan_text = nullptr, std::int64_t num_chunks = 0,
+                         bool pages_in_order = false);
 
 // Batch prefill over batch_size requests of seq_len queries and kv_len keys each (ragged,
 // or paged when the spec says so: kv_len > seq_len is append attention); `tflops` counts

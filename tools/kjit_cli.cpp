@@ -267,9 +267,12 @@ int cmd_bench(const std::vector<std::string>& specs, const std::vector<std::vect
         };
         std::string plan;
         const std::int64_t num_chunks = shape.count("num_chunks") ? shape.at("num_chunks") : 0;  // 0: planned
-        auto r = tools::bench_decode(engine, k.info().spec, find("batch_size"), find("kv_len"), iterations, &plan, num_chunks);
+        const bool in_order = shape.count("pages_in_order") && shape.at("pages_in_order") != 0;  // else shuffled
+        auto r = tools::bench_decode(engine, k.info().spec, find("batch_size"), find("kv_len"), iterations, &plan, num_chunks,
+                                     in_order);
         fmt::print("{:<72} {:>22} {:>10.2f} {:>9.0f} {:>6.1f}%  ({}; back to back {:.2f} us = {:.0f} GB/s)\n", r.spec,
-                   fmt::format("batch_size={} kv_len={}", r.shape["batch_size"], r.shape["kv_len"]), r.median_us, r.gbps,
+                   fmt::format("batch_size={} kv_len={}{}", r.shape["batch_size"], r.shape["kv_len"], in_order ? " in order" : ""),
+                   r.median_us, r.gbps,
                    100 * r.gbps / copy, plan, r.back_to_back_us, r.bytes / (r.back_to_back_us * 1e-6) / 1e9);
         continue;
       }
