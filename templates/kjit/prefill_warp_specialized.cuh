@@ -155,8 +155,9 @@ struct WarpSpecializedPrefill {
   // adjacent in the output), else one row. One lane issues them: the copy's addresses are
   // uniform registers, so copies from every lane ran as a loop over the lanes. Stored from
   // registers (store_rows), the output's 16 KB cost 1.1-1.5 us an item (ablation, H100:
-  // causal 8 x 1024 11% faster without the stores). qo_index(row) is a row's (query, head)
-  // index into the output and lse, or -1 past the request.
+  // causal 8 x 1024 11% faster without the stores); staged, it was 3% slower there, so
+  // it is a knob, off by default. qo_index(row) is a row's (query, head) index into the
+  // output and lse, or -1 past the request.
   static constexpr int kRowsPerCopy = kPackGqa && 16 % kRowsPerQuery == 0 ? kRowsPerQuery : 1;
   template <typename QoIndex>
   static __device__ __forceinline__ void store_output(const float (&o_acc)[kHeadDim / 8][4], const float (&m)[2], float (&l)[2],
@@ -628,8 +629,9 @@ struct WarpSpecializedPrefill {
         };
         auto next_tile = [&](auto short_tile, int j) {
           auto& s = pick(short_tile, s_full, s_short);
-          // (kVStages == kStages: the K stage; the same value, and the SASS measured so far)
-          const int previous = kVStages == kStages ? stage : tile_count % kVStages;
+          // V's own count (reusing the K stage where the rings match saved nothing: 1046
+          // instructions in the tile loop against 1016, H100 times within 0.7%)
+          const int previous = tile_count % kVStages;
           const int previous_round = (tile_count / kVStages) & 1;
           ++tile_count;
           stage = tile_count % kStages;
@@ -661,7 +663,7 @@ struct WarpSpecializedPrefill {
         };
         auto last_accumulate = [&](auto short_tile) {
           wait_turn(consumer);
-          const int v_stage = kVStages == kStages ? stage : tile_count % kVStages;
+          const int v_stage = tile_count % kVStages;
           bulk::barrier_wait(&v_full[v_stage], (tile_count / kVStages) & 1);
           wgmma::fence_shared_for_async_reads();
           issue_accumulate(short_tile, v_stage);
