@@ -220,8 +220,8 @@ class AttentionFamily final : public Family {
     const bool work_list = fields.boolean("work_list", false);
     if (work_list && !warp_specialized) fields.fail("work_list", "needs the warp-specialized form (\"warp_specialized\": true)");
     // Warp-specialized: the output staged in shared memory and written by the bulk copy engine
-    // (WarpSpecializedPrefill::store_output) instead of stored from registers. Off by default
-    // until measured (docs/benchmarks.md, prefill).
+    // (WarpSpecializedPrefill::store_output) instead of stored from registers. Off by default:
+    // 2-3% slower on causal batches on the H100 (docs/benchmarks.md, prefill).
     const bool staged_output = fields.boolean("staged_output", false);
     if (staged_output && !warp_specialized)
       fields.fail("staged_output", "needs the warp-specialized form (\"warp_specialized\": true)");
