@@ -242,11 +242,12 @@ std::vector<std::int32_t> PrefillWorkPlanner::plan(std::span<const std::int32_t>
   const std::int64_t request_bytes = std::max<std::int64_t>(1, keys / std::max<std::int64_t>(batch, 1) * kv_heads_ * head_dim_ * 2 * 2);
   const std::int64_t per_group = batch <= 1 ? 1 : std::min(batch, std::max<std::int64_t>(1, l2_group_bytes_ / request_bytes));
 
-  // An item's cost in tenths of a tile: its K/V tiles plus its start and end (~2.3 us
-  // against 1.73 us a tile for causal 8 x 1024 on an H200), less for a last tile that no row
-  // sees past the first half of (the kernel's half-width S and P V there: measured ~0.35
-  // tile faster, not the 0.5 the multiplies alone would give).
-  constexpr std::uint64_t kTenths = 10, kItemCost = 13, kShortLastTile = 4;
+  // An item's cost in tenths of a tile: its K/V tiles plus its start and end, less for a last
+  // tile that no row sees past the first half of (the kernel's half-width S and P V there).
+  // Fitted to each block's measured span on an H100 (causal 4 x 2048 and 8 x 1024: 1.46-1.50
+  // us a tile, 2.8-2.9 us an item, 0.8-1.05 us saved by a short tile); 13 and 4, from an
+  // H200's estimate, left causal 8 x 1024 2.7% slower back to back.
+  constexpr std::uint64_t kTenths = 10, kItemCost = 19, kShortLastTile = 6;
   // Blocks as a min-heap of (work so far << 24 | block), one integer each: the least loaded
   // (the lower block on a tie) on top, its load raised in place. (Pairs of a double and an
   // index took twice as long, and these sift-downs are most of the plan's time.)
