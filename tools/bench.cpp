@@ -239,7 +239,7 @@ BenchResult bench_decode(Engine& engine, const std::string& spec, std::int64_t b
 }
 
 BenchResult bench_prefill(Engine& engine, const std::string& spec, std::int64_t batch_size, std::int64_t seq_len,
-                          std::int64_t kv_len, int iterations, double* tflops) {
+                          std::int64_t kv_len, int iterations) {
   Kernel prefill = engine.get(spec);
   const KernelInfo& info = prefill.info();
   const auto j = nlohmann::json::parse(info.spec);
@@ -307,7 +307,7 @@ BenchResult bench_prefill(Engine& engine, const std::string& spec, std::int64_t 
   const double pairs = !causal ? q_len * k_len
                                : kv_len >= seq_len ? q_len * (k_len - q_len) + q_len * (q_len + 1) / 2
                                                    : k_len * (k_len + 1) / 2;
-  if (tflops) *tflops = 4.0 * head_dim * qo_heads * pairs * batch_size / (r.median_us * 1e-6) / 1e12;
+  r.flops = 4.0 * static_cast<double>(head_dim * qo_heads * batch_size) * pairs;
   return r;
 }
 

@@ -21,6 +21,7 @@ struct BenchResult {
   double back_to_back_us = 0;
   double bytes = 0;  // each input read once, each output written once
   double gbps = 0;
+  double flops = 0;  // the useful floating-point operations of one call, where counted (prefill)
 };
 
 // Times a kernel on random inputs whose run-time axes come from `shape`;
@@ -37,10 +38,10 @@ BenchResult bench_decode(Engine& engine, const std::string& spec, std::int64_t b
                          bool pages_in_order = false);
 
 // Batch prefill over batch_size requests of seq_len queries and kv_len keys each (ragged,
-// or paged when the spec says so: kv_len > seq_len is append attention); `tflops` counts
-// the multiply-adds of the visible (query, key) pairs, bytes are q, output, K and V once.
+// or paged when the spec says so: kv_len > seq_len is append attention); r.flops counts
+// 4 * head_dim per visible (query, key) pair and head (two GEMMs), bytes are q, output, K and V once.
 BenchResult bench_prefill(Engine& engine, const std::string& spec, std::int64_t batch_size, std::int64_t seq_len,
-                          std::int64_t kv_len, int iterations, double* tflops);
+                          std::int64_t kv_len, int iterations);
 
 // append_paged_kv_cache: seq_len new tokens at the end of each of batch_size requests of
 // kv_len tokens; bytes are the new K/V read and written once.

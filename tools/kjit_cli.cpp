@@ -253,11 +253,11 @@ int cmd_bench(const std::vector<std::string>& specs, const std::vector<std::vect
           fmt::print("{:<72} {:>22} {:>10.2f} {:>9.0f} {:>6.1f}%\n", r.spec, shape_text, r.median_us, r.gbps, 100 * r.gbps / copy);
           continue;
         }
-        double tflops = 0;
-        auto r = tools::bench_prefill(engine, k.info().spec, bt->second, it->second, kv_len, iterations, &tflops);
+        auto r = tools::bench_prefill(engine, k.info().spec, bt->second, it->second, kv_len, iterations);
+        auto tflops = [&](double us) { return r.flops / us / 1e6; };
         fmt::print("{:<72} {:>22} {:>10.2f} {:>9.1f} TFLOP/s {:>6.0f} GB/s {:>5.1f}%  (back to back {:.2f} us = {:.1f} TFLOP/s)\n",
-                   r.spec, shape_text, r.median_us, tflops, r.gbps, 100 * r.gbps / copy, r.back_to_back_us,
-                   tflops * r.median_us / r.back_to_back_us);
+                   r.spec, shape_text, r.median_us, tflops(r.median_us), r.gbps, 100 * r.gbps / copy, r.back_to_back_us,
+                   tflops(r.back_to_back_us));
         continue;
       }
       if (k.info().op == "batch_decode") {  // needs a valid page table: built by the decode bench
