@@ -74,13 +74,20 @@ struct DecodeCase {
   bool return_lse = true;
   bool fp8_kv = false;    // KV cache in fp8 e4m3 with scales
   bool combined = false;  // K and V in one [pages, 2, ...] tensor
+  std::optional<bool> tensor_cores;  // the spec's default when unset
 
   std::string spec() const {
     return fmt::format(
-               R"({{"op": "batch_decode", "num_qo_heads": {}, "num_kv_heads": {}, "head_dim": {}, "page_size": {}, "dtype": "{}", "kv_layout": "{}", "kv_dtype": "{}", "kv_storage": "{}")",
+               R"({{"op": "batch_decode", "num_qo_heads": {}, "num_kv_heads": {}, "head_dim": {}, "page_size": {}, "dtype": "{}", "kv_layout": "{}", "kv_dtype": "{}", "kv_storage": "{}"{})",
                qo_heads, kv_heads, head_dim, page_size, bf16 ? "bfloat16" : "float16", layout,
-               fp8_kv ? "float8_e4m3" : bf16 ? "bfloat16" : "float16", combined ? "combined" : "separate") +
+               fp8_kv ? "float8_e4m3" : bf16 ? "bfloat16" : "float16", combined ? "combined" : "separate",
+               tensor_cores ? fmt::format(R"(, "tensor_cores": {})", *tensor_cores) : "") +
            score_options(return_lse, soft_cap, window);
+  }
+  DecodeCase on_cuda_cores() const {
+    DecodeCase c = *this;
+    c.tensor_cores = false;
+    return c;
   }
 };
 
@@ -338,6 +345,21 @@ void run_back_to_back(const DecodeCase& c, const std::vector<std::int64_t>& leng
   }
 }
 
+// Batch 37 (empty requests, lengths around page boundaries, a long one) at every group
+// size, layout and page size of these head dims, in the given form (unset: the spec's default).
+void run_decode_grid(std::initializer_list<std::int64_t> head_dims, std::optional<bool> tensor_cores, std::mt19937_64& rng) {
+  std::vector<std::int64_t> lengths = {0, 1, 15, 16, 17, 1000, 0, 33, 64, 65, 2, 300};
+  while (lengths.size() < 37) lengths.push_back(static_cast<std::int64_t>(rng() % 700));
+  for (std::int64_t head_dim : head_dims)
+    for (std::int64_t group : {1, 4, 8, 16})
+      for (const char* layout : {"NHD", "HND"})
+        for (std::int64_t page_size : {1, 16, 32, 64}) {
+          DecodeCase c{2 * group, 2, head_dim, page_size, layout};
+          c.tensor_cores = tensor_cores;
+          run_decode_case(c, lengths, rng);
+        }
+}
+
 }  // namespace
 
 TEST_CASE("batch decode matches float64 attention over the page table", "[gpu][attention]") {
@@ -345,16 +367,7 @@ TEST_CASE("batch decode matches float64 attention over the page table", "[gpu][a
   const std::uint64_t seed = (std::uint64_t{device()} << 32) | device();
   INFO("seed " << seed);
   std::mt19937_64 rng(seed);
-  // Batch 37: empty requests, lengths around page boundaries, a long one.
-  std::vector<std::int64_t> lengths = {0, 1, 15, 16, 17, 1000, 0, 33, 64, 65, 2, 300};
-  while (lengths.size() < 37) lengths.push_back(static_cast<std::int64_t>(rng() % 700));
-  for (std::int64_t head_dim : {64, 128, 256})
-    for (std::int64_t group : {1, 4, 8, 16})
-      for (const char* layout : {"NHD", "HND"})
-        for (std::int64_t page_size : {1, 16, 32, 64}) {
-          DecodeCase c{2 * group, 2, head_dim, page_size, layout};
-          run_decode_case(c, lengths, rng);
-        }
+  run_decode_grid({64, 128, 256}, std::nullopt, rng);
 }
 
 TEST_CASE("batch decode: batch 1, long KV split over blocks, and the spec options", "[gpu][attention]") {
@@ -365,6 +378,25 @@ TEST_CASE("batch decode: batch 1, long KV split over blocks, and the spec option
   run_decode_case({32, 8, 128, 16, "NHD", true, 0, 100}, {3000, 17, 0, 100, 101}, rng);      // sliding window
   run_decode_case({16, 16, 256, 32, "NHD", true, 0, 0, false}, {2000, 5, 0}, rng);          // no lse
   run_decode_case({64, 4, 64, 64, "HND"}, {1, 2, 3}, rng);                                   // group 16, tiny
+}
+
+// The default form is tensor cores for 16-bit KV at head_dim 64 and 128 (the tests above);
+// the CUDA-core form (head_dim 256 and fp8 KV take it by default) on the same grid.
+TEST_CASE("batch decode on CUDA cores matches float64 attention over the page table", "[gpu][attention]") {
+  std::random_device device;
+  const std::uint64_t seed = (std::uint64_t{device()} << 32) | device();
+  INFO("seed " << seed);
+  std::mt19937_64 rng(seed);
+  run_decode_grid({64, 128}, false, rng);
+  for (std::int64_t page_size : {1, 16}) run_decode_case(DecodeCase{32, 8, 128, page_size}.on_cuda_cores(), {32768}, rng, 7);
+  run_decode_case(DecodeCase{32, 8, 128, 16, "HND", false}.on_cuda_cores(), {5000, 1, 0, 4097}, rng);            // float16
+  run_decode_case(DecodeCase{32, 8, 128, 16, "NHD", true, 30.0}.on_cuda_cores(), {3000, 17, 0}, rng);              // soft cap
+  run_decode_case(DecodeCase{32, 8, 128, 16, "NHD", true, 0, 100}.on_cuda_cores(), {3000, 17, 0, 100, 101}, rng);  // window
+  DecodeCase combined{32, 8, 128, 16, "HND"};
+  combined.combined = true;
+  run_decode_case(combined.on_cuda_cores(), {0, 1, 15, 16, 17, 1000, 33, 300}, rng);
+  const DecodeCase no_lse{32, 8, 128, 16, "NHD", true, 0, 0, false};
+  run_back_to_back(no_lse.on_cuda_cores(), {4000, 17, 0, 2500}, rng, 5, 4);
 }
 
 TEST_CASE("batch decode: split decodes back to back on one workspace", "[gpu][attention]") {

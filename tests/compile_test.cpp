@@ -137,6 +137,14 @@ TEST_CASE("every attention variant in a representative grid compiles for sm_90a"
             R"({{"op": "batch_decode", "num_qo_heads": {}, "num_kv_heads": 2, "head_dim": {}, "page_size": 16, "dtype": "bfloat16", "kv_dtype": "float8_e4m3", "kv_storage": "{}"}})",
             2 * group, head_dim, storage));
   specs.push_back(R"({"op": "batch_decode", "num_qo_heads": 32, "num_kv_heads": 8, "head_dim": 128, "page_size": 1, "dtype": "float16", "kv_layout": "HND", "kv_storage": "combined", "logits_soft_cap": 30})");
+  // On tensor cores (16-bit KV, head_dim 64 and 128).
+  for (int head_dim : {64, 128})
+    for (int group : {1, 4, 8, 16})
+      for (int page_size : {1, 16})
+        specs.push_back(fmt::format(
+            R"({{"op": "batch_decode", "num_qo_heads": {}, "num_kv_heads": 2, "head_dim": {}, "page_size": {}, "dtype": "bfloat16", "tensor_cores": true}})",
+            2 * group, head_dim, page_size));
+  specs.push_back(R"({"op": "batch_decode", "num_qo_heads": 32, "num_kv_heads": 8, "head_dim": 128, "page_size": 32, "dtype": "float16", "kv_layout": "HND", "kv_storage": "combined", "logits_soft_cap": 30, "sliding_window": 512, "return_lse": false, "tensor_cores": true})");
   for (const char* dtype : {"bfloat16", "float8_e4m3"})
     for (const char* storage : {"separate", "combined"})
       specs.push_back(fmt::format(R"({{"op": "append_paged_kv_cache", "num_kv_heads": 8, "head_dim": 64, "page_size": 16, "dtype": "{}", "kv_storage": "{}"}})",

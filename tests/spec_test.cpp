@@ -271,6 +271,12 @@ TEST_CASE("spec refusals name the field, the value and what is allowed", "[spec]
   CHECK_THAT(refusal(R"({"op": "batch_decode", "num_qo_heads": 32, "num_kv_heads": 8, "head_dim": 128, "page_size": 16, "dtype": "float32"})"),
              Contains("field \"dtype\""));
   CHECK_THAT(refusal("{" + decode + R"(, "head_dim": 128, "page_size": 16, "kv_layout": "NDH"})"), Contains("field \"kv_layout\""));
+  CHECK(refusal("{" + decode + R"(, "head_dim": 256, "page_size": 16, "tensor_cores": true})") ==
+        "spec for op \"batch_decode\": field \"tensor_cores\" needs head_dim 64 or 128, got 256");
+  CHECK(refusal("{" + decode + R"(, "head_dim": 128, "page_size": 16, "kv_dtype": "float8_e4m3", "tensor_cores": true})") ==
+        "spec for op \"batch_decode\": field \"tensor_cores\" needs 16-bit KV (kv_dtype float8_e4m3 takes the default form)");
+  CHECK_THAT(refusal("{" + decode + R"(, "head_dim": 128, "page_size": 16, "pipeline_stages": 3, "tensor_cores": true})"),
+             Contains("field \"tensor_cores\""));
   CHECK(refusal(R"({"op": "merge_states", "num_heads": 8, "head_dim": 96, "dtype": "float32"})") ==
         "spec for op \"merge_states\": field \"head_dim\" = 96 is not supported: head_dim / 4 must be a power of two");
   const std::string prefill = R"("op": "batch_prefill", "num_qo_heads": 32, "num_kv_heads": 8, "head_dim": 128, "dtype": "bfloat16")";
@@ -325,7 +331,7 @@ TEST_CASE("FlashInfer-Bench definitions import", "[spec][definition]") {
   const std::string shared = kSource + "/../shared/definitions/";
   if (std::string gqa = read(shared + "gqa_paged/gqa_paged_decode_h32_kv8_d128_ps1.json"); !gqa.empty())
     CHECK(plan(gqa).spec.dump() ==
-          R"({"dtype":"bfloat16","head_dim":128,"kv_dtype":"bfloat16","kv_layout":"NHD","kv_storage":"separate","num_kv_heads":8,"num_qo_heads":32,"op":"batch_decode","page_size":1,"return_lse":true})");
+          R"({"dtype":"bfloat16","head_dim":128,"kv_dtype":"bfloat16","kv_layout":"NHD","kv_storage":"separate","num_kv_heads":8,"num_qo_heads":32,"op":"batch_decode","page_size":1,"return_lse":true,"tensor_cores":true})");
   if (std::string prefill = read(shared + "gqa_paged/gqa_paged_prefill_causal_h32_kv8_d128_ps1.json"); !prefill.empty())
     CHECK(plan(prefill).spec.dump() ==
           R"({"causal":true,"dtype":"bfloat16","head_dim":128,"kv_layout":"NHD","kv_storage":"separate","num_kv_heads":8,"num_qo_heads":32,"op":"batch_prefill","page_size":1,"paged":true,"return_lse":true})");

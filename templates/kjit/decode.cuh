@@ -28,6 +28,52 @@ namespace kjit::attention {
 
 constexpr int bits_of(int n) { return n <= 1 ? 0 : 1 + bits_of(n / 2); }  // floor(log2(n))
 
+// The online-softmax states a decode block ends with, one per slot (a part of the block's
+// tokens) and head, in shared memory: base-2 reference maxima m, sums l and unnormalized
+// outputs acc. write_out merges the slots of each head and writes o (or, with the KV split
+// in num_chunks > 1 chunks, the chunk's float partial state for merge_states) and lse.
+template <int kSlots, int kHeads, int kHeadDim>
+struct SlotStates {
+  float m[kSlots][kHeads];
+  float l[kSlots][kHeads];
+  float acc[kSlots][kHeads][kHeadDim];
+
+  template <int kThreads, int kQoHeads, bool kLse, typename TQ>
+  __device__ __forceinline__ void write_out(int b, int chunk, int head0, int num_chunks, float v_scale, TQ* __restrict__ o,
+                                            float* __restrict__ lse, float* __restrict__ partial_o,
+                                            float* __restrict__ partial_lse) const {
+    const float kNegInf = -__int_as_float(0x7f800000);
+    for (int e = threadIdx.x; e < kHeads * kHeadDim; e += kThreads) {
+      const int h = e / kHeadDim, d = e % kHeadDim;
+      float m_all = kNegInf;
+#pragma unroll
+      for (int sl = 0; sl < kSlots; ++sl) m_all = fmaxf(m_all, m[sl][h]);
+      float l_all = 0.f, o_all = 0.f;
+      if (m_all != kNegInf) {
+#pragma unroll
+        for (int sl = 0; sl < kSlots; ++sl) {
+          const float w = exp2f(m[sl][h] - m_all);
+          l_all = fmaf(l[sl][h], w, l_all);
+          o_all = fmaf(acc[sl][h][d], w, o_all);
+        }
+      }
+      const float out = l_all > 0.f ? o_all / l_all * v_scale : 0.f;
+      const float out_lse = l_all > 0.f ? m_all + log2f(l_all) : kNegInf;
+      const long long head = head0 + h;
+      if (num_chunks > 1) {
+        const long long row = (static_cast<long long>(b) * num_chunks + chunk) * kQoHeads + head;
+        partial_o[row * kHeadDim + d] = out;
+        if (d == 0) partial_lse[row] = out_lse;
+      } else {
+        const long long row = static_cast<long long>(b) * kQoHeads + head;
+        o[row * kHeadDim + d] = from_float<TQ>(out);
+        if constexpr (kLse)
+          if (d == 0) lse[row] = out_lse;
+      }
+    }
+  }
+};
+
 template <typename TQ, typename TKV, int kHeadDim, int kQoHeads, int kKvHeads, int kHeads, paged_kv::Layout kLayout,
           int kPageSize, bool kCombined, bool kSoftCap, int kWindow, bool kLse, int kStages>
 struct BatchDecode {
@@ -38,6 +84,7 @@ struct BatchDecode {
   static constexpr int kPieceBytes = kVec * static_cast<int>(sizeof(TKV));
   static constexpr int kLanes = kHeadDim / kVec;  // threads per token row
   static constexpr int kThreads = 128;
+  static constexpr int kMinBlocksPerSm = 1;  // (registers as the compiler likes; four blocks fit at d128)
   static constexpr int kSlots = kThreads / kLanes;
   static constexpr int kUnroll = 4;
   static constexpr int kTile = kSlots * kUnroll;  // tokens per step of the block
@@ -58,11 +105,7 @@ struct BatchDecode {
   static_assert(kHeadDim % kVec == 0 && kLanes <= 32 && 32 % kLanes == 0, "a token row must fit one warp");
   static_assert(kUnroll == 4 && (1 << kLaneBits) == kLanes && kLaneBits >= 2, "u is a score's top two bits and a lane's");
 
-  struct Shared {
-    float m[kSlots][kHeads];
-    float l[kSlots][kHeads];
-    float acc[kSlots][kHeads][kHeadDim];
-  };
+  using Shared = SlotStates<kSlots, kHeads, kHeadDim>;
   static constexpr int kSharedBytes = kStageBytes > static_cast<int>(sizeof(Shared)) ? kStageBytes : static_cast<int>(sizeof(Shared));
 
   // The lane (of a token row's kLanes) that owns score e after the transposed reduction,
@@ -274,35 +317,7 @@ struct BatchDecode {
       for (int i = 0; i < kVec; ++i) shared.acc[slot][h][lane * kVec + i] = acc[h][i];
     }
     __syncthreads();
-    const bool split = num_chunks > 1;
-    for (int e = threadIdx.x; e < kHeads * kHeadDim; e += kThreads) {
-      const int h = e / kHeadDim, d = e % kHeadDim;
-      float m_all = -__int_as_float(0x7f800000);
-#pragma unroll
-      for (int sl = 0; sl < kSlots; ++sl) m_all = fmaxf(m_all, shared.m[sl][h]);
-      float l_all = 0.f, o_all = 0.f;
-      if (m_all != -__int_as_float(0x7f800000)) {
-#pragma unroll
-        for (int sl = 0; sl < kSlots; ++sl) {
-          const float w = exp2f(shared.m[sl][h] - m_all);
-          l_all = fmaf(shared.l[sl][h], w, l_all);
-          o_all = fmaf(shared.acc[sl][h][d], w, o_all);
-        }
-      }
-      const float out = l_all > 0.f ? o_all / l_all * v_scale : 0.f;
-      const float out_lse = l_all > 0.f ? m_all + log2f(l_all) : -__int_as_float(0x7f800000);
-      const long long head = head0 + h;
-      if (split) {
-        const long long row = (static_cast<long long>(b) * num_chunks + chunk) * kQoHeads + head;
-        partial_o[row * kHeadDim + d] = out;
-        if (d == 0) partial_lse[row] = out_lse;
-      } else {
-        const long long row = static_cast<long long>(b) * kQoHeads + head;
-        o[row * kHeadDim + d] = from_float<TQ>(out);
-        if constexpr (kLse)
-          if (d == 0) lse[row] = out_lse;
-      }
-    }
+    shared.template write_out<kThreads, kQoHeads, kLse>(b, chunk, head0, num_chunks, v_scale, o, lse, partial_o, partial_lse);
   }
 };
 
