@@ -129,6 +129,8 @@ TEST_CASE("every attention variant in a representative grid compiles for sm_90a"
               2 * group, head_dim, page_size, layout));
   specs.push_back(R"({"op": "batch_decode", "num_qo_heads": 32, "num_kv_heads": 8, "head_dim": 128, "page_size": 64, "dtype": "float16", "logits_soft_cap": 50, "sliding_window": 4096, "return_lse": false})");
   specs.push_back(R"({"op": "batch_decode", "num_qo_heads": 40, "num_kv_heads": 8, "head_dim": 128, "page_size": 32, "dtype": "bfloat16"})");  // group 5
+  specs.push_back(R"({"op": "batch_decode", "num_qo_heads": 96, "num_kv_heads": 8, "head_dim": 128, "page_size": 16, "dtype": "bfloat16"})");  // group 12
+  specs.push_back(R"({"op": "batch_decode", "num_qo_heads": 128, "num_kv_heads": 4, "head_dim": 64, "page_size": 16, "dtype": "bfloat16"})");  // group 32
   // fp8 e4m3 KV, and K/V combined in one tensor.
   for (int head_dim : {64, 128, 256})
     for (int group : {1, 8, 16})
@@ -137,12 +139,12 @@ TEST_CASE("every attention variant in a representative grid compiles for sm_90a"
             R"({{"op": "batch_decode", "num_qo_heads": {}, "num_kv_heads": 2, "head_dim": {}, "page_size": 16, "dtype": "bfloat16", "kv_dtype": "float8_e4m3", "kv_storage": "{}"}})",
             2 * group, head_dim, storage));
   specs.push_back(R"({"op": "batch_decode", "num_qo_heads": 32, "num_kv_heads": 8, "head_dim": 128, "page_size": 1, "dtype": "float16", "kv_layout": "HND", "kv_storage": "combined", "logits_soft_cap": 30})");
-  // On tensor cores (16-bit KV, head_dim 64 and 128).
+  // 16-bit KV at head_dim 64 and 128 takes tensor cores by default (above); the CUDA-core form.
   for (int head_dim : {64, 128})
     for (int group : {1, 4, 8, 16})
       for (int page_size : {1, 16})
         specs.push_back(fmt::format(
-            R"({{"op": "batch_decode", "num_qo_heads": {}, "num_kv_heads": 2, "head_dim": {}, "page_size": {}, "dtype": "bfloat16", "tensor_cores": true}})",
+            R"({{"op": "batch_decode", "num_qo_heads": {}, "num_kv_heads": 2, "head_dim": {}, "page_size": {}, "dtype": "bfloat16", "tensor_cores": false}})",
             2 * group, head_dim, page_size));
   specs.push_back(R"({"op": "batch_decode", "num_qo_heads": 32, "num_kv_heads": 8, "head_dim": 128, "page_size": 32, "dtype": "float16", "kv_layout": "HND", "kv_storage": "combined", "logits_soft_cap": 30, "sliding_window": 512, "return_lse": false, "tensor_cores": true})");
   for (const char* dtype : {"bfloat16", "float8_e4m3"})
