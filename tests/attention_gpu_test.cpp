@@ -757,7 +757,7 @@ void run_prefill_case(const PrefillCase& c, const std::vector<std::pair<std::int
   if (paged) args.insert(args.end(), {kjit::Arg(dind.get()), kjit::Arg(dlast.get())});
   args.emplace_back(out.get());
   if (c.return_lse) args.emplace_back(lse.get());
-  // "work_list": the host plan's assignment of work items to blocks.
+  // "work_list": the host plan's queue of work items.
   std::optional<DeviceMemory> work;
   if (c.extra.find(R"("work_list": true)") != std::string::npos) {
     work.emplace(to_device(kjit::plan_prefill_work(prefill.info(), qo_indptr, paged ? pages.indptr : kv_indptr, pages.last_page_len)));
@@ -859,7 +859,7 @@ TEST_CASE("batch prefill matches float64 attention on ragged requests", "[gpu][a
       c.extra = ws + c.extra;
       run_prefill_case(c, lengths, rng);
     }
-    // Blocks walking the host plan's work list (plan_prefill_work): ragged and paged, with a
+    // Blocks taking their items from the host plan's work list (plan_prefill_work): ragged and paged, with a
     // sliding window; then rows of one head and the long requests in either order.
     const std::string listed = ws + R"(, "work_list": true)";
     std::vector<PrefillCase> planned{{8, 2, 128}, {8, 2, 64, false}, {8, 2, 128, true, true, 0, 50}};
@@ -966,7 +966,17 @@ TEST_CASE("prefill work lists give the static order's bits", "[gpu][attention][p
         }
         args.insert(args.end(), {kjit::Arg(static_cast<std::int64_t>(lengths.size())), kjit::Arg(max_qo), kjit::Arg(0.0883883)});
         prefill.launch(args);
+        if (listed) {  // the queue left reset: the same list serves a second launch, which writes every row again
+          out.fill(0xff);
+          lse.fill(0xff);
+          prefill.launch(args);
+        }
         synchronize();
+        if (listed) {
+          const std::vector<std::int32_t> queue = work->download_as<std::int32_t>();
+          CHECK(queue[1] == 0);  // next
+          CHECK(queue[2] == 0);  // finished
+        }
         outputs.push_back(out.download_as<std::uint8_t>());
         lses.push_back(lse.download_as<std::uint8_t>());
       }

@@ -1,5 +1,7 @@
 #include <catch2/catch.hpp>
 
+#include <algorithm>
+#include <limits>
 #include <map>
 #include <random>
 
@@ -173,114 +175,116 @@ TEST_CASE("decode plans split long KV only where the batch leaves the GPU idle",
   CHECK(chunks2(64, 4096) == 1);   // 512 blocks: two waves, 97% full
 }
 
-TEST_CASE("prefill work lists give every item to one block, balanced by work", "[engine][attention]") {
+TEST_CASE("prefill work lists queue every item once, longest first", "[engine][attention]") {
   kjit::EngineOptions o;
   o.disk_cache = false;
   kjit::Engine engine(o);
   const std::string spec = R"({"op": "batch_prefill", "num_qo_heads": 32, "num_kv_heads": 8, "head_dim": 128, "dtype": "bfloat16", "work_list": true)";
   const kjit::KernelInfo ragged = engine.build(spec + "}", "sm_90a").info;
-  // The list against the kernel's items: each (tile, request, KV head) with rows exactly
-  // once, no block over the least loaded one by more than one item; returns the busiest
-  // block's work over the mean, work as measured on the device in tiles: an item's K/V
-  // tiles, 1.9 for its start and end, 0.6 less where its last tile is half-width (no row
-  // sees past that tile's first 64 keys).
+  // The list against the kernel's items (32 queries x 4 heads an item, 128-key tiles): the
+  // header [items, next 0, finished 0], each (tile, request, KV head) with rows exactly
+  // once, the kernel's groups of requests whose K/V fit 16 MB of L2 in turn, and within a
+  // group no item after a longer one, length in half tiles: its K/V tiles, one half less
+  // where its last tile is half-width (no row sees past its first 64 keys).
   auto check_list = [](const std::vector<std::int32_t>& list, const std::vector<std::int32_t>& qo_indptr,
-                       const std::vector<std::int64_t>& kv_len, int sms) {
+                       const std::vector<std::int64_t>& kv_len) {
+    std::int64_t keys = 0;
+    for (std::int64_t n : kv_len) keys += n;
+    const auto batch_keys = static_cast<std::int64_t>(kv_len.size());
+    const std::int64_t request_bytes = std::max<std::int64_t>(1, keys / std::max<std::int64_t>(batch_keys, 1) * 8 * 128 * 4);
+    const std::int64_t per_group = std::max<std::int64_t>(1, (std::int64_t{16} << 20) / request_bytes);
     const auto batch = static_cast<std::int64_t>(qo_indptr.size()) - 1;
-    std::int64_t max_qo = 0;
-    for (std::int64_t b = 0; b < batch; ++b) max_qo = std::max<std::int64_t>(max_qo, qo_indptr[b + 1] - qo_indptr[b]);
-    const std::int64_t row_tiles = (max_qo + 31) / 32, items = 8 * batch * row_tiles;  // 32 queries x 4 heads an item
-    const std::int64_t blocks = std::min<std::int64_t>(items, sms);
-    REQUIRE(list.size() >= static_cast<std::size_t>(blocks + 2));
-    CHECK(list[0] == blocks);
+    REQUIRE(list.size() >= 3);
+    CHECK(list[0] == static_cast<std::int32_t>(list.size() - 3));
     CHECK(list[1] == 0);
+    CHECK(list[2] == 0);
     std::map<std::int32_t, int> seen;
-    std::vector<double> work_of(static_cast<std::size_t>(blocks));
-    for (std::int64_t k = 0; k < blocks; ++k)
-      for (std::int32_t i = list[static_cast<std::size_t>(1 + k)]; i < list[static_cast<std::size_t>(2 + k)]; ++i) {
-        const std::int32_t item = list[static_cast<std::size_t>(blocks + 2 + i)];
-        ++seen[item];
-        const std::int64_t b = item / 8 % batch, tile = item / 8 / batch;
-        const std::int64_t qo = qo_indptr[b + 1] - qo_indptr[b], last_query = std::min(tile * 32 + 32, qo) - 1;
-        const std::int64_t key_end = std::max<std::int64_t>(0, std::min(kv_len[b], last_query + kv_len[b] - qo + 1));
-        const std::int64_t tiles = (key_end + 127) / 128;
-        const bool half_width = tiles > 0 && key_end - (tiles - 1) * 128 <= 64;
-        work_of[static_cast<std::size_t>(k)] += 1.9 + static_cast<double>(tiles) - (half_width ? 0.6 : 0.0);
-      }
-    CHECK(list.size() == static_cast<std::size_t>(blocks + 2 + list[static_cast<std::size_t>(blocks + 1)]));
+    std::int64_t previous = std::numeric_limits<std::int64_t>::max(), previous_group = 0;
+    for (std::size_t i = 3; i < list.size(); ++i) {
+      const std::int32_t item = list[i];
+      ++seen[item];
+      const std::int64_t b = item / 8 % batch, tile = item / 8 / batch;
+      const std::int64_t qo = qo_indptr[b + 1] - qo_indptr[b], last_query = std::min(tile * 32 + 32, qo) - 1;
+      const std::int64_t key_end = std::max<std::int64_t>(0, std::min(kv_len[b], last_query + kv_len[b] - qo + 1));
+      const std::int64_t tiles = (key_end + 127) / 128;
+      const bool half_width = tiles > 0 && key_end - (tiles - 1) * 128 <= 64;
+      const std::int64_t halves = 2 * tiles - (half_width ? 1 : 0);
+      const std::int64_t group = b / per_group;
+      CHECK(group >= previous_group);
+      if (group == previous_group) CHECK(halves <= previous);
+      previous = halves, previous_group = group;
+    }
     std::int64_t with_rows = 0;
     for (std::int64_t b = 0; b < batch; ++b) with_rows += 8 * ((qo_indptr[b + 1] - qo_indptr[b] + 31) / 32);
     CHECK(static_cast<std::int64_t>(seen.size()) == with_rows);
     for (const auto& [item, count] : seen) CHECK(count == 1);
-    double total = 0, most = 0;
-    for (double t : work_of) total += t, most = std::max(most, t);
-    return most / (total / static_cast<double>(blocks));
   };
-  // Causal 8 x 1024 on 132 SMs: the static order's busiest SM has 7.4% over the mean.
+  // Causal 8 x 1024 and 4 x 2048 (groups of 4 and 2 requests).
   std::vector<std::int32_t> qo{0}, kv{0};
   for (int b = 0; b < 8; ++b) qo.push_back(qo.back() + 1024), kv.push_back(kv.back() + 1024);
-  std::vector<std::int64_t> kv_len(8, 1024);
-  CHECK(check_list(kjit::plan_prefill_work(ragged, qo, kv, {}, 132), qo, kv_len, 132) < 1.02);
-  // 4 x 2048 (+9.2% in the static order).
-  qo = {0}, kv = {0};
-  for (int b = 0; b < 4; ++b) qo.push_back(qo.back() + 2048), kv.push_back(kv.back() + 2048);
-  kv_len.assign(4, 2048);
-  CHECK(check_list(kjit::plan_prefill_work(ragged, qo, kv, {}, 132), qo, kv_len, 132) < 1.02);
-  // Ragged lengths with empty requests and more keys than queries; fewer items than SMs.
-  qo = {0, 5, 5, 300, 301}, kv = {0, 5, 40, 1000, 1001};
-  kv_len = {5, 35, 960, 1};
-  check_list(kjit::plan_prefill_work(ragged, qo, kv, {}, 132), qo, kv_len, 132);
-  check_list(kjit::plan_prefill_work(ragged, qo, kv, {}, 7), qo, kv_len, 7);
+  check_list(kjit::plan_prefill_work(ragged, qo, kv), qo, std::vector<std::int64_t>(8, 1024));
+  std::vector<std::int32_t> qo4{0}, kv4{0};
+  for (int b = 0; b < 4; ++b) qo4.push_back(qo4.back() + 2048), kv4.push_back(kv4.back() + 2048);
+  check_list(kjit::plan_prefill_work(ragged, qo4, kv4), qo4, std::vector<std::int64_t>(4, 2048));
+  // Ragged lengths with empty requests and more keys than queries.
+  const std::vector<std::int32_t> mixed_qo{0, 5, 5, 300, 301}, mixed_kv{0, 5, 40, 1000, 1001};
+  check_list(kjit::plan_prefill_work(ragged, mixed_qo, mixed_kv), mixed_qo, {5, 35, 960, 1});
+  // No queries at all: an empty queue.
+  CHECK(kjit::plan_prefill_work(ragged, std::vector<std::int32_t>{0, 0, 0}, std::vector<std::int32_t>{0, 3, 9}) ==
+        std::vector<std::int32_t>{0, 0, 0});
   // Paged: lengths from the pages and the last page's length.
   const kjit::KernelInfo paged = engine.build(spec + R"(, "paged": true, "page_size": 16})", "sm_90a").info;
   const std::vector<std::int32_t> paged_qo{0, 20, 20, 40}, pages{0, 2, 2, 5}, last{16, 1, 3}, bad_last{16, 1, 17}, short_qo{0, 20};
-  check_list(kjit::plan_prefill_work(paged, paged_qo, pages, last, 11), paged_qo, {32, 0, 35}, 11);
-  CHECK_THROWS_AS(kjit::plan_prefill_work(paged, paged_qo, pages, bad_last, 11), kjit::ArgumentError);  // past the page
-  CHECK_THROWS_AS(kjit::plan_prefill_work(paged, short_qo, pages, last, 11), kjit::ArgumentError);      // batch sizes differ
+  check_list(kjit::plan_prefill_work(paged, paged_qo, pages, last), paged_qo, {32, 0, 35});
+  CHECK_THROWS_AS(kjit::plan_prefill_work(paged, paged_qo, pages, bad_last), kjit::ArgumentError);  // past the page
+  CHECK_THROWS_AS(kjit::plan_prefill_work(paged, short_qo, pages, last), kjit::ArgumentError);      // batch sizes differ
   // Other item shapes, as the family plans them: one head per item (128 queries), and a
   // group of 5 packed (128 (query, head) rows an item: ceil(5 x queries / 128) items with
   // rows per KV head and request).
-  auto item_count = [](const std::vector<std::int32_t>& list) { return list[static_cast<std::size_t>(list[0] + 1)]; };
+  auto item_count = [](const std::vector<std::int32_t>& list) { return list[0]; };
   const std::vector<std::int32_t> odd_qo{0, 300, 301, 301, 556}, odd_kv{0, 300, 1000, 1000, 1255};
   const kjit::KernelInfo one_head = engine.build(spec + R"(, "pack_gqa": false})", "sm_90a").info;
-  CHECK(item_count(kjit::plan_prefill_work(one_head, odd_qo, odd_kv, {}, 132)) == 32 * (3 + 1 + 0 + 2));
+  CHECK(item_count(kjit::plan_prefill_work(one_head, odd_qo, odd_kv)) == 32 * (3 + 1 + 0 + 2));
   const kjit::KernelInfo five = engine.build(
       R"({"op": "batch_prefill", "num_qo_heads": 40, "num_kv_heads": 8, "head_dim": 128, "dtype": "bfloat16", "work_list": true})",
       "sm_90a").info;
-  CHECK(item_count(kjit::plan_prefill_work(five, odd_qo, odd_kv, {}, 132)) == 8 * (12 + 1 + 0 + 10));
+  CHECK(item_count(kjit::plan_prefill_work(five, odd_qo, odd_kv)) == 8 * (12 + 1 + 0 + 10));
   // Only for specs that take the list.
   const kjit::KernelInfo unlisted =
       engine.build(R"({"op": "batch_prefill", "num_qo_heads": 32, "num_kv_heads": 8, "head_dim": 128, "dtype": "bfloat16"})", "sm_90a").info;
-  CHECK_THROWS_AS(kjit::plan_prefill_work(unlisted, qo, kv, {}, 132), kjit::ArgumentError);
+  CHECK_THROWS_AS(kjit::plan_prefill_work(unlisted, qo, kv), kjit::ArgumentError);
   CHECK_THROWS_AS(kjit::PrefillWorkPlanner(unlisted), kjit::ArgumentError);
 
   // A planner built once gives each batch the one-shot function's list, in any order of use.
   const kjit::PrefillWorkPlanner ragged_planner(ragged), paged_planner(paged), five_planner(five);
   for (int round = 0; round < 2; ++round) {
-    CHECK(ragged_planner.plan(qo, kv, {}, 132) == kjit::plan_prefill_work(ragged, qo, kv, {}, 132));
-    CHECK(ragged_planner.plan(odd_qo, odd_kv, {}, 7) == kjit::plan_prefill_work(ragged, odd_qo, odd_kv, {}, 7));
-    CHECK(paged_planner.plan(paged_qo, pages, last, 11) == kjit::plan_prefill_work(paged, paged_qo, pages, last, 11));
-    CHECK(five_planner.plan(odd_qo, odd_kv, {}, 132) == kjit::plan_prefill_work(five, odd_qo, odd_kv, {}, 132));
+    CHECK(ragged_planner.plan(qo, kv) == kjit::plan_prefill_work(ragged, qo, kv));
+    CHECK(ragged_planner.plan(odd_qo, odd_kv) == kjit::plan_prefill_work(ragged, odd_qo, odd_kv));
+    CHECK(paged_planner.plan(paged_qo, pages, last) == kjit::plan_prefill_work(paged, paged_qo, pages, last));
+    CHECK(five_planner.plan(odd_qo, odd_kv) == kjit::plan_prefill_work(five, odd_qo, odd_kv));
   }
   // The size without planning (what the C ABI answers a size query with).
-  CHECK(ragged_planner.list_size(qo, 132) == ragged_planner.plan(qo, kv, {}, 132).size());
-  CHECK(ragged_planner.list_size(odd_qo, 7) == ragged_planner.plan(odd_qo, odd_kv, {}, 7).size());
-  CHECK(ragged_planner.list_size(odd_qo, 132) == ragged_planner.plan(odd_qo, odd_kv, {}, 132).size());
-  CHECK(paged_planner.list_size(paged_qo, 11) == paged_planner.plan(paged_qo, pages, last, 11).size());
-  CHECK(five_planner.list_size(odd_qo, 132) == five_planner.plan(odd_qo, odd_kv, {}, 132).size());
-  CHECK(kjit::PrefillWorkPlanner(one_head).list_size(odd_qo, 132) == kjit::plan_prefill_work(one_head, odd_qo, odd_kv, {}, 132).size());
-  CHECK_THROWS_AS(ragged_planner.list_size(std::vector<std::int32_t>{0, 5, 3}, 132), kjit::ArgumentError);
+  CHECK(ragged_planner.list_size(qo) == ragged_planner.plan(qo, kv).size());
+  CHECK(ragged_planner.list_size(odd_qo) == ragged_planner.plan(odd_qo, odd_kv).size());
+  CHECK(paged_planner.list_size(paged_qo) == paged_planner.plan(paged_qo, pages, last).size());
+  CHECK(five_planner.list_size(odd_qo) == five_planner.plan(odd_qo, odd_kv).size());
+  CHECK(kjit::PrefillWorkPlanner(one_head).list_size(odd_qo) == kjit::plan_prefill_work(one_head, odd_qo, odd_kv).size());
+  CHECK_THROWS_AS(ragged_planner.list_size(std::vector<std::int32_t>{0, 5, 3}), kjit::ArgumentError);
   std::mt19937 rng(5);
   for (int trial = 0; trial < 50; ++trial) {  // random batches with empty requests and longer caches
     std::vector<std::int32_t> random_qo{0}, random_kv{0};
+    std::vector<std::int64_t> random_kv_len;
     for (std::uint32_t b = 0, n = 1 + rng() % 20; b < n; ++b) {
       const std::int32_t queries = rng() % 3 == 0 ? 0 : static_cast<std::int32_t>(rng() % 700);
+      const auto keys = queries + static_cast<std::int32_t>(rng() % 300);
       random_qo.push_back(random_qo.back() + queries);
-      random_kv.push_back(random_kv.back() + queries + static_cast<std::int32_t>(rng() % 300));
+      random_kv.push_back(random_kv.back() + keys);
+      random_kv_len.push_back(keys);
     }
-    const int sms = 1 + static_cast<int>(rng() % 140);
-    CHECK(ragged_planner.list_size(random_qo, sms) == ragged_planner.plan(random_qo, random_kv, {}, sms).size());
-    CHECK(five_planner.list_size(random_qo, sms) == five_planner.plan(random_qo, random_kv, {}, sms).size());
+    const std::vector<std::int32_t> list = ragged_planner.plan(random_qo, random_kv);
+    CHECK(ragged_planner.list_size(random_qo) == list.size());
+    CHECK(five_planner.list_size(random_qo) == five_planner.plan(random_qo, random_kv).size());
+    check_list(list, random_qo, random_kv_len);
   }
-  CHECK_THROWS_AS(paged_planner.plan(paged_qo, pages, bad_last, 11), kjit::ArgumentError);
+  CHECK_THROWS_AS(paged_planner.plan(paged_qo, pages, bad_last), kjit::ArgumentError);
 }

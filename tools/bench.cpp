@@ -287,7 +287,7 @@ BenchResult bench_prefill(Engine& engine, const std::string& spec, std::int64_t 
   if (paged) args.insert(args.end(), {Arg(static_cast<const void*>(d_pages.get())), Arg(static_cast<const void*>(d_last.get()))});
   args.emplace_back(static_cast<const void*>(out.get()));
   if (return_lse) args.emplace_back(static_cast<const void*>(lse.get()));
-  // "work_list": the host plan's balanced assignment of work items to blocks (made once).
+  // "work_list": the host plan's queue of work items (made once; every launch leaves it reset).
   std::vector<std::int32_t> work_list;
   if (j.value("work_list", false)) work_list = plan_prefill_work(info, indptr, paged ? page_indptr : kv_indptr, last);
   DeviceBuffer d_work(std::max<std::size_t>(work_list.size() * 4, 4));

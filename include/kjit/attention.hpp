@@ -76,34 +76,33 @@ class BatchDecode {
   int num_sms_ = 0, blocks_per_sm_ = 0;
 };
 
-// Work balancing for the warp-specialized batch_prefill with "work_list": true. Its blocks
+// The work queue of the warp-specialized batch_prefill with "work_list": true. Its blocks
 // (one per SM) otherwise walk the work items (128 rows of a request, for one head block) in
 // a static order that can leave an SM 5-12% more tiles than the mean (causal batches of 2-8
-// equal requests). This gives each item, longest first, to the block with the least work so
-// far (its K/V tiles plus a per-item cost), in the kernel's groups of requests that share
-// L2. From host copies of qo_indptr and kv_indptr (and kv_last_page_len for a paged spec);
-// copy the result to the device and pass it as the kernel's work_list argument. It holds
-// for these lengths, launched with max_qo_len = the longest request's queries on a GPU of
-// num_sms SMs (0: the current device's); a launch with another grid ignores it (the same
-// results, in the static order).
+// equal requests). With the list they take the items one at a time as they finish, longest
+// first within the kernel's groups of requests that share L2. From host copies of qo_indptr
+// and kv_indptr (and kv_last_page_len for a paged spec); copy the result to the device and
+// pass it as the kernel's work_list argument, launched with max_qo_len = the longest
+// request's queries. The kernel keeps its queue position in the list and resets it as its
+// last block leaves, so one device copy serves every launch for these lengths (CUDA graph
+// replays too), one launch at a time: launches that may overlap (other streams) each need
+// their own copy.
 std::vector<std::int32_t> plan_prefill_work(const KernelInfo& prefill, std::span<const std::int32_t> qo_indptr,
                                             std::span<const std::int32_t> kv_indptr,
-                                            std::span<const std::int32_t> kv_last_page_len = {}, int num_sms = 0);
+                                            std::span<const std::int32_t> kv_last_page_len = {});
 
 // The same, with the kernel's geometry (items, tiles, L2 groups) read from its spec once:
 // a server that plans every step builds one per kernel and calls plan() (the function
-// above re-reads the spec: 75 against 52 us for 8192 queries on the CI machine).
+// above re-reads the spec).
 class PrefillWorkPlanner {
  public:
   explicit PrefillWorkPlanner(const KernelInfo& prefill);
   std::vector<std::int32_t> plan(std::span<const std::int32_t> qo_indptr, std::span<const std::int32_t> kv_indptr,
-                                 std::span<const std::int32_t> kv_last_page_len = {}, int num_sms = 0) const;
+                                 std::span<const std::int32_t> kv_last_page_len = {}) const;
   // plan(...).size() for these queries, without planning (the keys do not change it).
-  std::size_t list_size(std::span<const std::int32_t> qo_indptr, int num_sms = 0) const;
+  std::size_t list_size(std::span<const std::int32_t> qo_indptr) const;
 
  private:
-  std::int64_t persistent_blocks(std::int64_t batch, std::int64_t max_qo_len, int num_sms) const;
-
   std::int64_t kv_heads_ = 0, head_dim_ = 0, window_ = 0, page_size_ = 0;
   std::int64_t rows_per_item_ = 0, keys_per_tile_ = 0, rows_per_query_ = 1, head_blocks_ = 0, queries_per_tile_ = 0;
   std::int64_t l2_group_bytes_ = 0;

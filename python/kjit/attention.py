@@ -98,19 +98,21 @@ class BatchDecode:
         return out, lse
 
 
-def plan_prefill_work(kernel, qo_indptr, kv_indptr, kv_last_page_len=None, num_sms=0, device=None):
-    """The work list of a batch_prefill kernel whose spec has "work_list": true: each block's
-    share of the work items, balanced by their tiles (kjit::plan_prefill_work). Once per batch
-    composition; pass the int32 tensor it returns (on `device`, default kv_indptr's) as the
-    kernel's work_list argument. kv_last_page_len: for a paged spec."""
+def plan_prefill_work(kernel, qo_indptr, kv_indptr, kv_last_page_len=None, device=None):
+    """The work list of a batch_prefill kernel whose spec has "work_list": true: a queue of
+    the work items, longest first, that the kernel's blocks take from as they finish
+    (kjit::plan_prefill_work). Once per batch composition; pass the int32 tensor it returns
+    (on `device`, default kv_indptr's) as the kernel's work_list argument. The kernel keeps
+    its queue position in it and resets it at the end: one launch at a time per tensor.
+    kv_last_page_len: for a paged spec."""
     import torch
     as_int32 = ctypes.POINTER(ctypes.c_int32)
     host = [None if t is None else t.to("cpu", torch.int32).contiguous() for t in (qo_indptr, kv_indptr, kv_last_page_len)]
     pointers = [None if t is None else ctypes.cast(t.data_ptr(), as_int32) for t in host]
     batch_size = host[0].numel() - 1
     size = ctypes.c_size_t(0)
-    _check(_lib.kjit_plan_prefill_work(kernel._handle, *pointers, batch_size, num_sms, None, ctypes.byref(size)))
+    _check(_lib.kjit_plan_prefill_work(kernel._handle, *pointers, batch_size, 0, None, ctypes.byref(size)))
     work_list = torch.empty(size.value, dtype=torch.int32)
-    _check(_lib.kjit_plan_prefill_work(kernel._handle, *pointers, batch_size, num_sms,
+    _check(_lib.kjit_plan_prefill_work(kernel._handle, *pointers, batch_size, 0,
                                        ctypes.cast(work_list.data_ptr(), as_int32), ctypes.byref(size)))
     return work_list.to(kv_indptr.device if device is None else device)

@@ -188,33 +188,29 @@ PrefillWorkPlanner::PrefillWorkPlanner(const KernelInfo& prefill) {
 
 std::vector<std::int32_t> plan_prefill_work(const KernelInfo& prefill, std::span<const std::int32_t> qo_indptr,
                                             std::span<const std::int32_t> kv_indptr,
-                                            std::span<const std::int32_t> kv_last_page_len, int num_sms) {
-  return PrefillWorkPlanner(prefill).plan(qo_indptr, kv_indptr, kv_last_page_len, num_sms);
+                                            std::span<const std::int32_t> kv_last_page_len) {
+  return PrefillWorkPlanner(prefill).plan(qo_indptr, kv_indptr, kv_last_page_len);
 }
 
-// The launch's persistent grid: one block per SM, or per item when there are fewer.
-std::int64_t PrefillWorkPlanner::persistent_blocks(std::int64_t batch, std::int64_t max_qo_len, int num_sms) const {
-  const std::int64_t row_tiles = (max_qo_len + queries_per_tile_ - 1) / queries_per_tile_;
-  if (num_sms <= 0) num_sms = runtime::multiprocessor_count(runtime::current_device());
-  return std::min<std::int64_t>(head_blocks_ * batch * row_tiles, num_sms);
-}
+namespace {
+// The queue's header (the kernel's ItemQueue): [items, next, finished], then the items.
+constexpr std::size_t kQueueHeader = 3;
+}  // namespace
 
-std::size_t PrefillWorkPlanner::list_size(std::span<const std::int32_t> qo_indptr, int num_sms) const {
+std::size_t PrefillWorkPlanner::list_size(std::span<const std::int32_t> qo_indptr) const {
   if (qo_indptr.empty()) throw ArgumentError("plan_prefill_work: qo_indptr is empty; expected batch_size + 1 entries");
-  const auto batch = static_cast<std::int64_t>(qo_indptr.size()) - 1;
-  std::int64_t max_qo_len = 0, listed = 0;  // items with rows (the kernel skips the others)
+  std::int64_t listed = 0;  // items with rows (the kernel skips the others)
   for (std::size_t i = 0; i + 1 < qo_indptr.size(); ++i) {
     const std::int64_t qo_len = qo_indptr[i + 1] - qo_indptr[i];
     if (qo_len < 0) throw ArgumentError(fmt::format("plan_prefill_work: an indptr decreases at request {}", i));
-    max_qo_len = std::max(max_qo_len, qo_len);
     listed += head_blocks_ * ((qo_len * rows_per_query_ + rows_per_item_ - 1) / rows_per_item_);
   }
-  return static_cast<std::size_t>(persistent_blocks(batch, max_qo_len, num_sms) + 2 + listed);
+  return kQueueHeader + static_cast<std::size_t>(listed);
 }
 
 std::vector<std::int32_t> PrefillWorkPlanner::plan(std::span<const std::int32_t> qo_indptr,
                                                    std::span<const std::int32_t> kv_indptr,
-                                                   std::span<const std::int32_t> kv_last_page_len, int num_sms) const {
+                                                   std::span<const std::int32_t> kv_last_page_len) const {
   if (qo_indptr.empty() || kv_indptr.size() != qo_indptr.size())
     throw ArgumentError(fmt::format("plan_prefill_work: qo_indptr has {} entries, kv_indptr {}; expected batch_size + 1 each",
                                     qo_indptr.size(), kv_indptr.size()));
@@ -234,49 +230,23 @@ std::vector<std::int32_t> PrefillWorkPlanner::plan(std::span<const std::int32_t>
     max_qo_len = std::max(max_qo_len, qo_len[i]);
   }
   const std::int64_t row_tiles = (max_qo_len + queries_per_tile_ - 1) / queries_per_tile_;
-  const std::int64_t items = head_blocks_ * batch * row_tiles;
-  const std::int64_t blocks = persistent_blocks(batch, max_qo_len, num_sms);
 
   // The kernel's groups of requests whose K/V fit l2_group_bytes of L2 at the batch's mean length.
   const std::int64_t keys = static_cast<std::int64_t>(kv_indptr.back()) * (paged_ ? page_size_ : 1);
   const std::int64_t request_bytes = std::max<std::int64_t>(1, keys / std::max<std::int64_t>(batch, 1) * kv_heads_ * head_dim_ * 2 * 2);
   const std::int64_t per_group = batch <= 1 ? 1 : std::min(batch, std::max<std::int64_t>(1, l2_group_bytes_ / request_bytes));
 
-  // An item's cost in tenths of a tile: its K/V tiles plus its start and end, less for a last
-  // tile that no row sees past the first half of (the kernel's half-width S and P V there).
-  // Fitted to each block's measured span on an H100 (causal 4 x 2048 and 8 x 1024: 1.46-1.50
-  // us a tile, 2.8-2.9 us an item, 0.8-1.05 us saved by a short tile); 13 and 4, from an
-  // H200's estimate, left causal 8 x 1024 2.7% slower back to back.
-  constexpr std::uint64_t kTenths = 10, kItemCost = 19, kShortLastTile = 6;
-  // Blocks as a min-heap of (work so far << 24 | block), one integer each: the least loaded
-  // (the lower block on a tie) on top, its load raised in place. (Pairs of a double and an
-  // index took twice as long, and these sift-downs are most of the plan's time.)
-  constexpr int kBlockBits = 24;
-  if (blocks >= (std::int64_t{1} << kBlockBits))
-    throw ArgumentError(fmt::format("plan_prefill_work: num_sms = {}, more blocks than a plan holds (2^{})", num_sms, kBlockBits));
-  std::vector<std::uint64_t> least;
-  for (std::int64_t k = 0; k < blocks; ++k) least.push_back(static_cast<std::uint64_t>(k));  // already a heap
-  auto add_to_least = [&](std::uint64_t cost) {
-    const std::size_t n = least.size();
-    const std::uint64_t raised = least[0] + (cost << kBlockBits);
-    std::size_t i = 0;
-    for (std::size_t child = 1; child < n; child = 2 * i + 1) {
-      if (child + 1 < n && least[child + 1] < least[child]) ++child;
-      if (raised < least[child]) break;
-      least[i] = least[child];
-      i = child;
-    }
-    least[i] = raised;
-  };
+  // Blocks take the items in list order, so the longest go first within each group: by K/V
+  // tiles, and of equal tiles those whose last tile is full before those where no row sees
+  // past its first half (the kernel's half-width S and P V there).
   // A row tile of one request: its head blocks' items, which cost the same.
   struct RowTile {
-    std::uint64_t cost;
+    std::int64_t half_tiles;  // its K/V tiles in halves, one less for a half-width last tile
     std::int32_t first_id;
   };
   std::vector<RowTile> group_tiles;
-  std::vector<std::int32_t> items_in_order, block_of;  // the list's items, longest first, and their blocks
-  items_in_order.reserve(static_cast<std::size_t>(items));
-  block_of.reserve(static_cast<std::size_t>(items));
+  std::vector<std::int32_t> list(kQueueHeader, 0);
+  list.reserve(kQueueHeader + static_cast<std::size_t>(head_blocks_ * batch * row_tiles));
   for (std::int64_t first = 0; first < batch; first += per_group) {
     group_tiles.clear();
     for (std::int64_t tile = row_tiles - 1; tile >= 0; --tile)
@@ -291,26 +261,15 @@ std::vector<std::int32_t> PrefillWorkPlanner::plan(std::span<const std::int32_t>
         const std::int64_t end_tile = (key_end + keys_per_tile_ - 1) / keys_per_tile_;
         const std::int64_t tiles = std::max<std::int64_t>(0, end_tile - key_begin / keys_per_tile_);
         const bool short_last = tiles > 0 && key_end - (end_tile - 1) * keys_per_tile_ <= keys_per_tile_ / 2;
-        const std::uint64_t cost = kItemCost + kTenths * static_cast<std::uint64_t>(tiles) - (short_last ? kShortLastTile : 0);
-        group_tiles.push_back({cost, static_cast<std::int32_t>((tile * batch + b) * head_blocks_)});
+        group_tiles.push_back({2 * tiles - (short_last ? 1 : 0), static_cast<std::int32_t>((tile * batch + b) * head_blocks_)});
       }
-    std::stable_sort(group_tiles.begin(), group_tiles.end(), [](const RowTile& x, const RowTile& y) { return x.cost > y.cost; });
+    std::stable_sort(group_tiles.begin(), group_tiles.end(),
+                     [](const RowTile& x, const RowTile& y) { return x.half_tiles > y.half_tiles; });
     for (const RowTile& row_tile : group_tiles)
-      for (std::int64_t head_block = 0; head_block < head_blocks_; ++head_block) {
-        items_in_order.push_back(row_tile.first_id + static_cast<std::int32_t>(head_block));
-        block_of.push_back(static_cast<std::int32_t>(least[0] & ((std::uint64_t{1} << kBlockBits) - 1)));
-        add_to_least(row_tile.cost);
-      }
+      for (std::int64_t head_block = 0; head_block < head_blocks_; ++head_block)
+        list.push_back(row_tile.first_id + static_cast<std::int32_t>(head_block));
   }
-  // [blocks, offsets of each block's items (blocks + 1), items], each block's in the order given
-  const auto header = static_cast<std::size_t>(blocks + 2);
-  std::vector<std::int32_t> list(header + items_in_order.size());
-  list[0] = static_cast<std::int32_t>(blocks);
-  for (std::int32_t block : block_of) ++list[static_cast<std::size_t>(block) + 2];
-  for (std::size_t k = 2; k < header; ++k) list[k] += list[k - 1];
-  std::vector<std::int32_t> next(list.begin() + 1, list.begin() + static_cast<std::ptrdiff_t>(header) - 1);
-  for (std::size_t n = 0; n < items_in_order.size(); ++n)
-    list[header + static_cast<std::size_t>(next[static_cast<std::size_t>(block_of[n])]++)] = items_in_order[n];
+  list[0] = static_cast<std::int32_t>(list.size() - kQueueHeader);
   return list;
 }
 

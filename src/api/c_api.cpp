@@ -180,10 +180,11 @@ kjit_status kjit_plan_prefill_work(const kjit_kernel* prefill, const int32_t* qo
     }
     const size_t capacity = *size;
     if (!buffer) {  // the size alone, without planning (callers ask, then plan)
-      *size = planner->list_size({qo_indptr, n + 1}, num_sms);
+      *size = planner->list_size({qo_indptr, n + 1});
       return;
     }
-    const std::vector<std::int32_t> list = planner->plan({qo_indptr, n + 1}, {kv_indptr, n + 1}, last, num_sms);
+    static_cast<void>(num_sms);  // (the queue serves any grid)
+    const std::vector<std::int32_t> list = planner->plan({qo_indptr, n + 1}, {kv_indptr, n + 1}, last);
     *size = list.size();
     if (capacity < list.size()) throw kjit::ArgumentError("buffer too small: " + std::to_string(list.size()) + " values needed");
     std::copy(list.begin(), list.end(), buffer);

@@ -28,7 +28,8 @@
 //     sm_90a the block runs the mma.sync form on two of its warpgroups), short_form_max_qo_len
 //     (warp-specialized: launches with max_qo_len up to it run the other form, default 16,
 //     0: never), work_list (warp-specialized, default false: the kernel takes a work_list
-//     argument, kjit::plan_prefill_work's balanced assignment of work items to blocks),
+//     argument, kjit::plan_prefill_work's queue of work items, which blocks take from as
+//     they finish their last),
 //     staged_output (warp-specialized, default false: the output is written through shared
 //     memory by the bulk copy engine, in the room of one V stage; measured 2-3% slower on
 //     causal batches, a knob for sweeps)
@@ -217,8 +218,8 @@ class AttentionFamily final : public Family {
         fields.integer("short_form_max_qo_len", 0, std::numeric_limits<std::int32_t>::max(), default_short_form);
     if (fields.has("short_form_max_qo_len") && !warp_specialized)
       fields.fail("short_form_max_qo_len", "chooses between forms of the warp-specialized kernel (\"warp_specialized\": true)");
-    // Warp-specialized: blocks walk a host plan's list of work items (plan_prefill_work), balanced
-    // by their tiles, instead of the kernel's static order.
+    // Warp-specialized: blocks take their items from a host plan's queue (plan_prefill_work),
+    // longest first, instead of walking the kernel's static order.
     const bool work_list = fields.boolean("work_list", false);
     if (work_list && !warp_specialized) fields.fail("work_list", "needs the warp-specialized form (\"warp_specialized\": true)");
     // Warp-specialized: the output staged in shared memory and written by the bulk copy engine
@@ -264,7 +265,8 @@ class AttentionFamily final : public Family {
     }
     p.push_back(vector_param("output", dtype, {"total_q", hq, d}, 16, Param::Access::write));  // 8-column chunks
     if (return_lse) p.push_back(tensor_param("lse", DType::float32, {"total_q", hq}, Param::Access::write));
-    if (work_list) p.push_back(tensor_param("work_list", DType::int32, {"work_list_size"}));
+    // (the kernel takes its items from the list as a queue, and leaves the queue reset)
+    if (work_list) p.push_back(tensor_param("work_list", DType::int32, {"work_list_size"}, Param::Access::read_write));
     p.push_back(integer_param("batch_size", 0, 65535));
     p.push_back(integer_param("max_qo_len", 0, std::numeric_limits<std::int32_t>::max()));  // the longest request's queries
     p.push_back(real_param("sm_scale"));
