@@ -2,8 +2,8 @@
 // warpgroup only copies, two only multiply, and they hand K/V tiles over through mbarriers.
 //
 // Persistent: one block of 3 warpgroups per SM walks the work items (head block, request,
-// 128-row tile) in ItemOrder's order, so the copies of its next item overlap the end of
-// the current one.
+// 128-row tile) in ItemOrder's order, or takes them from the host plan's queue (work_list,
+// ItemQueue), so the copies of its next item overlap the end of the current one.
 // - warpgroup 0, the producer, gives most of its registers back (setmaxnreg) and copies
 //   K_0, Q, then the K and V tiles of 128 keys (K_j before V_{j-1}, the order they are used) into
 //   a ring of kStages stages with cp.async; each copy arrives on its stage's `full`
