@@ -111,10 +111,11 @@ kjit_status kjit_batch_decode_run(const kjit_batch_decode* decode, const kjit_de
 /* The work list of a batch_prefill kernel whose spec has "work_list": true
  * (kjit::plan_prefill_work): host copies of qo_indptr and kv_indptr (batch_size + 1 each)
  * and, paged, kv_last_page_len (batch_size; NULL otherwise); num_sms is ignored (the list
- * is a queue that serves any grid). Writes *size int32 values into buffer (the caller's); with buffer NULL or *size
- * too small, only *size (the count needed) is set, and the call fails in the latter case
- * (with buffer NULL it is counted from qo_indptr without planning). The kernel handle keeps
- * the spec's geometry from its first call (kjit::PrefillWorkPlanner).
+ * is a queue that serves any grid). Writes *size int32 values into buffer (the caller's);
+ * with buffer NULL or *size too small, only *size (the count needed) is set, and the call
+ * fails in the latter case (with buffer NULL it is counted from qo_indptr without
+ * planning). The kernel handle keeps the spec's geometry from its first call
+ * (kjit::PrefillWorkPlanner).
  * Copy the list to the device and pass it as the kernel's work_list argument; the kernel
  * updates and resets its queue position there, so a copy serves one launch at a time. */
 kjit_status kjit_plan_prefill_work(const kjit_kernel* prefill, const int32_t* qo_indptr, const int32_t* kv_indptr,

@@ -437,7 +437,9 @@ class AttentionFamily final : public Family {
     // tokens x K and V x 128 threads x 8 elements; tensor cores: 3 warps x a ring of 3
     // tiles of 16 token rows, and 8 or 16 rows of Q), reused to merge the token slots (tensor
     // cores: one a warp).
-    const std::int64_t stage_bytes = tensor_cores ? (kTensorCoreWarps * 3 * 16 + (heads_per_block > 8 ? 16 : 8)) * head_dim * 2
+    constexpr int kTensorCoreRing = 3, kStepTokens = 16;  // BatchDecodeTensorCores::kRing, kStepTokens
+    const std::int64_t q_rows = heads_per_block > 8 ? 16 : 8;
+    const std::int64_t stage_bytes = tensor_cores ? (kTensorCoreWarps * kTensorCoreRing * kStepTokens + q_rows) * head_dim * 2
                                                   : stages * 4 * 2 * 128 * 8 * static_cast<std::int64_t>(dtype_size(kv_dtype));
     const std::int64_t slots = tensor_cores ? kTensorCoreWarps : 128 / (head_dim / 8);
     const std::int64_t merge_bytes = slots * heads_per_block * (2 + head_dim) * 4;
